@@ -1,0 +1,146 @@
+"""What ``run.py`` does with a composed config: plan, execute, summarise, report.
+
+Kept apart from ``run.py`` so tests call it on a config composed with Hydra's
+compose API, without a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipelines import all_stages
+from pipelines.data import ensure_available
+from pipelines.executor import PlanItem, execute, format_plan, plan
+
+log = logging.getLogger("drlab")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def register_resolvers() -> None:
+    """``${drlab_root:}`` is the repository root (where run.py lives)."""
+    if not OmegaConf.has_resolver("drlab_root"):
+        OmegaConf.register_new_resolver("drlab_root", lambda: str(REPO))
+
+
+register_resolvers()
+
+
+def _data_splits(cfg: DictConfig) -> list[str]:
+    return [s for s in dict.fromkeys([cfg.data.get("eval_split"), cfg.data.get("train_split")]) if s]
+
+
+def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run ``cfg.stage``'s upstream closure; write ``summary.json`` into ``run_dir``."""
+    torch_threads(cfg)
+    out_root = Path(cfg.paths.output_dir)
+    cache = out_root / "cache"
+    stages = all_stages()
+    force = list(cfg.get("force") or [])
+    ensure_available(OmegaConf.to_container(cfg.data, resolve=True), _data_splits(cfg))
+    items = plan(cfg, stages, str(cfg.stage), force, cache)
+    print(format_plan(items), flush=True)
+    if cfg.get("dry_run"):
+        return {"plan": [{"stage": i.stage, "key": i.key, "status": i.status} for i in items]}
+    t0 = time.perf_counter()
+    try:
+        execute(cfg, stages, items, cache, out_root / "locks")
+    finally:
+        summary = _summary(cfg, items, time.perf_counter() - t0)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _link_stages(run_dir, items)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _point_latest(out_root, run_dir)
+    if cfg.get("logger") == "wandb":
+        _log_wandb(cfg, summary, run_dir)
+    _print_metrics(summary["metrics"])
+    return summary
+
+
+def torch_threads(cfg: DictConfig) -> None:
+    n = int(cfg.runtime.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    if "torch" in sys.modules:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _summary(cfg: DictConfig, items: list[PlanItem], seconds: float) -> dict[str, Any]:
+    metrics: dict[str, float] = {}
+    for i in items:
+        if i.stage == "eval":
+            metrics.update(i.metrics)
+    return {
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "stage": cfg.stage,
+        "metrics": metrics,
+        "stages": {
+            i.stage: {
+                "status": {"force": "pending", "run": "pending"}.get(i.status, i.status),
+                "seconds": round(i.seconds, 2),
+                "key": i.key,
+                "dir": str(i.dir) if i.dir else None,
+                "metrics": i.metrics,
+            }
+            for i in items
+        },
+        "seconds": round(seconds, 2),
+        "command": sys.argv,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def _link_stages(run_dir: Path, items: list[PlanItem]) -> None:
+    links = run_dir / "stages"
+    links.mkdir(exist_ok=True)
+    for i in items:
+        if i.dir is None or not i.dir.exists():
+            continue
+        link = links / i.stage
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(os.path.relpath(i.dir, links))
+
+
+def _point_latest(out_root: Path, run_dir: Path) -> None:
+    latest = out_root / "latest"
+    tmp = out_root / f".latest-{os.getpid()}"
+    if tmp.is_symlink():
+        tmp.unlink()
+    tmp.symlink_to(os.path.relpath(run_dir, out_root))
+    os.replace(tmp, latest)
+
+
+def _print_metrics(metrics: dict[str, float]) -> None:
+    if not metrics:
+        return
+    w = max(len(k) for k in metrics)
+    print("metrics:")
+    for k, v in metrics.items():
+        print(f"  {k:<{w}}  {v:.4f}")
+
+
+def _log_wandb(cfg: DictConfig, summary: dict, run_dir: Path) -> None:
+    os.environ.setdefault("WANDB_MODE", str(cfg.get("wandb", {}).get("mode", "offline")))
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    run = wandb.init(
+        project=cfg.get("wandb", {}).get("project", "dr-lab"),
+        name=f"{cfg.model.name}-{cfg.data.name}",
+        dir=str(run_dir),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    run.log(summary["metrics"])
+    run.summary.update({f"seconds/{k}": v["seconds"] for k, v in summary["stages"].items()})
+    run.finish()
