@@ -1,0 +1,40 @@
+"""Family ``dpr``: Dense Passage Retrieval (Karpukhin et al., EMNLP 2020).
+
+Paper recipe: two BERT-base towers (query and passage, not shared), [CLS]
+pooling, dot-product similarity, trained with in-batch negatives plus one BM25
+hard negative per question (NLL over the positive's softmax).
+
+What differs here: the towers start from any checkpoint (the offline default is
+sentence-transformers/all-MiniLM-L6-v2, as no raw BERT ships offline; the
+full-scale experiment config keeps ``bert-base-uncased``), the number and rank
+window of BM25 negatives are configurable (``pipeline.retriever1``), and a
+temperature can scale the dot product.
+"""
+
+from __future__ import annotations
+
+from retrievers.encoder import BiEncoder, build_biencoder
+
+
+def build(
+    checkpoint: str,
+    shared: bool = False,
+    pooling: str = "cls",
+    normalize: bool = False,
+    similarity: str = "dot",
+    temperature: float = 1.0,
+    query_max_len: int = 64,
+    doc_max_len: int = 256,
+    local_dirs: dict | None = None,
+) -> BiEncoder:
+    return build_biencoder(
+        checkpoint,
+        shared=shared,
+        pooling=pooling,
+        normalize=normalize,
+        similarity=similarity,
+        temperature=temperature,
+        query_max_len=query_max_len,
+        doc_max_len=doc_max_len,
+        local_dirs=local_dirs,
+    )
