@@ -64,14 +64,17 @@ def check_overrides(argv: list[str]) -> str | None:
             cfg = compose("config", overrides=first_choice)
     except Exception:
         return None  # Hydra reports group errors itself, with the available options
+    # Plain containers, unresolved: a mandatory '???' value (data.name of data=beir) is a
+    # key that exists, though `key in DictConfig` says it is not.
+    tree = OmegaConf.to_container(cfg, resolve=False)
     for key in keys:
         parts = key.split(".")
-        node = cfg
+        node = tree
         for i, p in enumerate(parts):
-            if not OmegaConf.is_dict(node) or p not in node:
+            if not isinstance(node, dict) or p not in node:
                 parent = ".".join(parts[:i]) or "<top level>"
-                valid = sorted(node.keys()) if OmegaConf.is_dict(node) else []
-                close = difflib.get_close_matches(p, [str(v) for v in valid], n=1)
+                valid = sorted(node.keys()) if isinstance(node, dict) else []
+                close = difflib.get_close_matches(p, [str(v) for v in valid], n=1, cutoff=0.5)
                 hint = f" Did you mean '{'.'.join(parts[:i] + [close[0]])}'?" if close else ""
                 return (
                     f"error: config key '{key}' does not exist.{hint}\n"

@@ -63,8 +63,11 @@ def _ranked(run: Run) -> Run:
 
 def evaluate(qrels: Qrels, run: Run, metrics: list[str]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Mean and per-query values of ranx ``metrics`` (e.g. ``ndcg@10``, ``mrr@10``, ``recall@100``)."""
+    import warnings
+
     import ranx
 
+    warnings.filterwarnings("ignore", message=".*unsafe cast from uint64 to int64.*")  # ranx/numba, harmless
     q = ranx.Qrels({k: dict(v) for k, v in qrels.items() if v})
     r = ranx.Run({k: v for k, v in _ranked(run).items() if v} or {next(iter(qrels)): {"__none__": 0.0}})
     per_query: dict[str, dict[str, float]] = {}

@@ -123,7 +123,14 @@ def data_fingerprint(path: str | os.PathLike) -> dict[str, str]:
     return out
 
 
-_FP_CACHE: dict[str, dict[str, str]] = {}
+_FP_CACHE: dict[tuple, dict[str, str]] = {}
+
+
+def _fp_cache_key(path: str) -> tuple:
+    """Path plus every file's size and mtime: a file changed in place invalidates the cache."""
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+    return (path, tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
 
 
 def resolved_reads(stage: Stage, cfg: DictConfig) -> dict[str, Any]:
@@ -135,9 +142,10 @@ def resolved_reads(stage: Stage, cfg: DictConfig) -> dict[str, Any]:
             value = dict(value)
             path = value.pop("path", None)
             if path is not None:
-                if path not in _FP_CACHE:
-                    _FP_CACHE[path] = data_fingerprint(path)
-                value["fingerprint"] = _FP_CACHE[path]
+                ck = _fp_cache_key(path)
+                if ck not in _FP_CACHE:
+                    _FP_CACHE[ck] = data_fingerprint(path)
+                value["fingerprint"] = _FP_CACHE[ck]
         reads[r] = value
     return reads
 

@@ -59,6 +59,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         _link_stages(run_dir, items)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _point_latest(out_root, run_dir)
+        _point_experiment(cfg, out_root, run_dir)
     if cfg.get("logger") == "wandb":
         _log_wandb(cfg, summary, run_dir)
     _print_metrics(summary["metrics"])
@@ -80,6 +81,7 @@ def _summary(cfg: DictConfig, items: list[PlanItem], seconds: float) -> dict[str
         if i.stage == "eval":
             metrics.update(i.metrics)
     return {
+        "name": experiment_name(cfg),
         "model": cfg.model.name,
         "data": cfg.data.name,
         "stage": cfg.stage,
@@ -119,6 +121,19 @@ def _point_latest(out_root: Path, run_dir: Path) -> None:
         tmp.unlink()
     tmp.symlink_to(os.path.relpath(run_dir, out_root))
     os.replace(tmp, latest)
+
+
+def experiment_name(cfg: DictConfig) -> str:
+    return str(cfg.get("name") or f"{cfg.model.name}-{cfg.data.name}")
+
+
+def _point_experiment(cfg: DictConfig, out_root: Path, run_dir: Path) -> None:
+    """``outputs/experiments/<name>.json``: the newest run of a named experiment (used by tables)."""
+    exp = out_root / "experiments"
+    exp.mkdir(parents=True, exist_ok=True)
+    (exp / f"{experiment_name(cfg)}.json").write_text(
+        json.dumps({"summary": str(run_dir / "summary.json"), "run_dir": str(run_dir)}, indent=2) + "\n"
+    )
 
 
 def _print_metrics(metrics: dict[str, float]) -> None:

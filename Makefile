@@ -1,0 +1,53 @@
+# dr-lab: `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# Data: ../shared/data on the development machines and in CI, else ./data (downloaded when absent).
+DRLAB_DATA_DIR ?= $(shell [ -d ../shared/data ] && cd ../shared/data && pwd || echo $(CURDIR)/data)
+export DRLAB_DATA_DIR
+# The quickstart: BM25, the pretrained encoder and DPR fine-tuned from it, on SciFact.
+DATA ?= scifact
+CHECKPOINT ?= sentence-transformers/all-MiniLM-L6-v2
+
+.PHONY: help setup run test test-data bench table-bm25 table-dpr clean-cache
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed ## create .venv and install dr-lab with the dev extra (idempotent)
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned: the exact version takes the CPU wheel; a range would pull CUDA builds
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[dev]"
+	@touch $@
+
+run: setup ## quickstart on SciFact: BM25, pretrained MiniLM, DPR fine-tuned; prints a table
+	$(PY) run.py model=bm25 data=$(DATA)
+	$(PY) run.py model=pretrained data=$(DATA) model.checkpoint=$(CHECKPOINT)
+	$(PY) run.py model=dpr data=$(DATA) model.checkpoint=$(CHECKPOINT)
+	$(PY) scripts/compare.py bm25-$(DATA) pretrained-$(DATA) dpr-$(DATA) --out outputs/tables/quickstart-$(DATA).md
+
+test: setup ## fast test suite (CPU, no network, < 15 min)
+	$(PY) -m pytest -q
+
+test-data: setup ## real-data checks on ../shared/data (BM25 = Pyserini, metrics = trec_eval)
+	$(PY) -m pytest -q -m data
+
+bench: setup ## encoding benchmark vs sentence-transformers -> outputs/bench/encode.json
+	$(PY) scripts/bench_encode.py
+
+table-bm25: setup ## Pyserini's BEIR BM25 rows (flat, multifield) on SciFact and NFCorpus
+	for d in scifact nfcorpus; do for e in bm25-beir-flat bm25-beir-multifield; do \
+	  $(PY) run.py experiment=$$e data=$$d || exit 1; done; done
+	$(PY) scripts/compare.py bm25-beir-flat-scifact bm25-beir-multifield-scifact --out outputs/tables/bm25-scifact.md
+	$(PY) scripts/compare.py bm25-beir-flat-nfcorpus bm25-beir-multifield-nfcorpus --out outputs/tables/bm25-nfcorpus.md
+
+table-dpr: setup ## DPR on SciFact next to BM25 and its initial checkpoint
+	$(MAKE) run DATA=scifact
+
+clean-cache: ## delete outputs/cache (every stage recomputes)
+	rm -rf outputs/cache outputs/locks

@@ -1,0 +1,105 @@
+"""Compare the eval runs of several experiments in one table, with paired significance tests.
+
+    python scripts/compare.py bm25-scifact pretrained-scifact dpr-scifact
+    python scripts/compare.py outputs/runs/2026-..._dpr_scifact  --metrics ndcg@10 recall@100 --test student
+    python scripts/compare.py A B C --out outputs/tables/quickstart.md
+
+Each argument is an experiment name (``outputs/experiments/<name>.json``), a run
+directory, or a ``summary.json``. The runs must be on the same dataset and split.
+Significance: ranx's paired test (Student's t by default; ``fisher`` for a
+randomisation test), superscripts name the rows a system beats at p < ``--max-p``.
+Runs are given to ranx in trec_eval's document order (see pipelines/evaluation.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pipelines.data import read_qrels  # noqa: E402
+from pipelines.evaluation import _ranked, read_trec  # noqa: E402
+
+
+def find_summary(arg: str, outputs: Path) -> Path:
+    p = Path(arg)
+    if p.is_file() and p.name == "summary.json":
+        return p
+    if p.is_dir() and (p / "summary.json").exists():
+        return p / "summary.json"
+    pointer = outputs / "experiments" / f"{arg}.json"
+    if pointer.exists():
+        return Path(json.loads(pointer.read_text())["summary"])
+    known = sorted(x.stem for x in (outputs / "experiments").glob("*.json"))
+    raise SystemExit(f"error: '{arg}' is not a run dir, a summary.json, or an experiment; known experiments: {known}")
+
+
+def load(summary_path: Path) -> tuple[str, dict, Path, str]:
+    s = json.loads(summary_path.read_text())
+    ev = s["stages"].get("eval")
+    if not ev or not ev.get("dir"):
+        raise SystemExit(f"error: {summary_path} has no finished eval stage")
+    data = s["config"]["data"]
+    split = data["eval_split"]
+    return s.get("name") or f"{s['model']}-{s['data']}", read_trec(Path(ev["dir"]) / "runs" / f"{split}.trec"), Path(data["path"]) / "qrels" / f"{split}.tsv", split
+
+
+def to_markdown(rep: dict, metrics: list[str], max_p: float) -> str:
+    """Rows = runs, a letter each; a cell's superscript letters = runs it beats at p < max_p."""
+    names = rep["model_names"]
+    letters = {n: chr(ord("a") + i) for i, n in enumerate(names)}
+    lines = ["| | run | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for n in names:
+        cells = []
+        for m in metrics:
+            beats = "".join(
+                letters[o]
+                for o in names
+                if o != n and rep[n]["comparisons"][o][m] < max_p and rep[n]["scores"][m] > rep[o]["scores"][m]
+            )
+            cells.append(f"{rep[n]['scores'][m]:.4f}" + (f"<sup>{beats}</sup>" if beats else ""))
+        lines.append(f"| {letters[n]} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--metrics", nargs="+", default=["ndcg@10", "mrr@10", "recall@100", "recall@1000"])
+    ap.add_argument("--test", default="student", choices=["student", "fisher", "tukey"])
+    ap.add_argument("--max-p", type=float, default=0.05)
+    ap.add_argument("--outputs", default=str(REPO / "outputs"))
+    ap.add_argument("--out", help="also write the Markdown table here")
+    args = ap.parse_args(argv)
+
+    import warnings
+
+    import ranx
+
+    warnings.filterwarnings("ignore", category=RuntimeWarning)  # scipy on identical per-query scores
+    loaded = [load(find_summary(a, Path(args.outputs))) for a in args.runs]
+    qrels_paths = {str(q) for _, _, q, _ in loaded}
+    if len({p for p in qrels_paths}) > 1:
+        raise SystemExit(f"error: the runs are on different datasets/splits: {sorted(qrels_paths)}")
+    qrels = read_qrels(Path(next(iter(qrels_paths))))
+    runs = []
+    for name, run, _, _ in loaded:
+        runs.append(ranx.Run({q: d for q, d in _ranked(run).items() if d}, name=name))
+    report = ranx.compare(
+        qrels=ranx.Qrels(qrels), runs=runs, metrics=args.metrics, max_p=args.max_p, stat_test=args.test
+    )
+    table = to_markdown(report.to_dict(), args.metrics, args.max_p)
+    text = f"{table}\n\nPaired {args.test} test, p < {args.max_p}; superscripts: rows this run is significantly better than.\n"
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
