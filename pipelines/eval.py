@@ -78,7 +78,11 @@ def run(ctx: Context) -> dict[str, float]:
         from pathlib import Path
 
         train_qrels = read_qrels(Path(data["path"]) / "qrels" / f"{data['train_split']}.tsv")
-        subsets[f"{split}-unseen"] = unseen_queries(qrels, train_qrels)
+        unseen = unseen_queries(qrels, train_qrels)
+        if unseen:
+            subsets[f"{split}-unseen"] = unseen
+        else:
+            log.info("[eval] every %s query has a relevant document that is relevant in train: no unseen subset", split)
     out: dict[str, float] = {}
     for name, r in systems.items():
         for subset, qids in subsets.items():

@@ -67,6 +67,8 @@ def evaluate(qrels: Qrels, run: Run, metrics: list[str]) -> tuple[dict[str, floa
 
     import ranx
 
+    if not any(qrels.values()):
+        raise ValueError("evaluate() got qrels with no judged query")
     warnings.filterwarnings("ignore", message=".*unsafe cast from uint64 to int64.*")  # ranx/numba, harmless
     q = ranx.Qrels({k: dict(v) for k, v in qrels.items() if v})
     r = ranx.Run({k: v for k, v in _ranked(run).items() if v} or {next(iter(qrels)): {"__none__": 0.0}})
