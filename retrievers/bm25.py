@@ -106,10 +106,13 @@ def _run_java(main_class: str, args: list[str], log_path: Path, heap: str = "4g"
 def write_collection(docs: Iterable[tuple[str, str, str]], out_dir: Path, fields: str = "flat") -> int:
     """Write a JsonCollection. ``flat``: contents = title + ' ' + text (BEIR flat);
     ``multifield``: contents = text, title as its own field (BEIR multifield)."""
+    from tqdm.auto import tqdm
+
     out_dir.mkdir(parents=True, exist_ok=True)
     n = 0
+    total = len(docs) if hasattr(docs, "__len__") else None
     with open(out_dir / "docs.jsonl", "w", encoding="utf-8") as fh:
-        for did, title, text in docs:
+        for did, title, text in tqdm(docs, total=total, desc="bm25 collection", unit="doc", mininterval=2):
             if fields == "flat":
                 rec = {"id": did, "contents": f"{title} {text}" if title else text}
             elif fields == "multifield":
@@ -175,6 +178,15 @@ def search(
     topics.unlink()
 
 
-def iter_docs(corpus: dict[str, dict[str, str]]) -> Iterator[tuple[str, str, str]]:
-    for did, d in corpus.items():
-        yield did, d["title"], d["text"]
+class iter_docs:
+    """(id, title, text) over a corpus dict, with a length for progress bars."""
+
+    def __init__(self, corpus: dict[str, dict[str, str]]):
+        self.corpus = corpus
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    def __iter__(self) -> Iterator[tuple[str, str, str]]:
+        for did, d in self.corpus.items():
+            yield did, d["title"], d["text"]
