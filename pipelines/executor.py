@@ -221,7 +221,7 @@ def plan(cfg: DictConfig, stages: dict[str, Stage], target: str, force: list[str
 
 def format_plan(items: list[PlanItem]) -> str:
     width = max(len(i.stage) for i in items)
-    label = {"cached": "cached", "run": "to run", "force": "forced", "disabled": "disabled"}
+    label = {"cached": "cached", "run": "to run", "force": "forced", "disabled": "disabled", "ran": "ran"}
     rows = [f"  {i.stage:<{width}}  {label[i.status]:<8}  {i.key or '-'}" for i in items]
     return "plan:\n" + "\n".join(rows)
 

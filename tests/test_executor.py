@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from pipelines import executor
@@ -34,7 +34,7 @@ def make_data(root: Path) -> Path:
     return root
 
 
-def fake_cfg(data_path: Path, chain=CHAIN, **dotted) -> "OmegaConf":
+def fake_cfg(data_path: Path, chain=CHAIN, **dotted) -> DictConfig:
     cfg = OmegaConf.create(
         {
             "model": {"name": "fake", "chain": list(chain)},
@@ -525,10 +525,10 @@ def test_concurrent_processes_run_a_stage_once(tmp_path):
     procs = [ctx.Process(target=_concurrent_worker, args=(str(tmp_path), barrier, results)) for _ in range(2)]
     for p in procs:
         p.start()
-    outs = [results.get(timeout=120) for _ in procs]
     for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0], "both workers finish without error"
+    outs = [results.get(timeout=10) for _ in procs]  # a few bytes each: flushed before exit
     lines = (tmp_path / "counter.txt").read_text().split()
     assert sorted(lines) == ["bm25", "eval"], f"each stage must run exactly once, got {lines}"
     for stage in ("bm25", "eval"):

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-pytrec_eval = pytest.importorskip("pytrec_eval")
+import pytrec_eval  # dev extra (pytrec-eval-terrier): the trec_eval reference
 
-from pipelines.evaluation import evaluate, read_trec, recall_curve, trec_order, write_trec  # noqa: E402
+from pipelines.evaluation import evaluate, read_trec, recall_curve, trec_order, write_trec
 
 PYTREC = {"ndcg@10": "ndcg_cut_10", "recall@100": "recall_100", "map": "map", "recall@10": "recall_10"}
 
