@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def main(cfg: DictConfig) -> None:
         logging.getLogger("drlab").error("%s", e)
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    if not cfg.get("dry_run"):
+    if not cfg.get("dry_run") and int(os.environ.get("RANK", "0")) == 0:
         print(f"summary: {run_dir / 'summary.json'}", flush=True)
     return summary.get("metrics", {}).get(f"{cfg.data.eval_split}/{cfg.pipeline.eval.primary}")
 

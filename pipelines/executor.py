@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,6 +59,9 @@ class Stage:
     version: str
     reads: tuple[str, ...]
     run: Callable[["Context"], dict[str, float]]
+    #: under torchrun: True = every rank runs ``run`` (it shards its own work);
+    #: False = rank 0 runs it while the other ranks wait
+    distributed: bool = False
 
 
 @dataclass
@@ -288,8 +292,31 @@ def _rmtree(p: Path) -> None:
         shutil.rmtree(p)
 
 
+def dist_state() -> tuple[int, int, Any]:
+    """(rank, world size, torch.distributed or None). Never imports torch itself."""
+    d = sys.modules.get("torch.distributed")
+    if d is not None and d.is_available() and d.is_initialized():
+        return d.get_rank(), d.get_world_size(), d
+    return 0, 1, None
+
+
+def _agree(dist, value):
+    """Rank 0's ``value`` on every rank."""
+    if dist is None:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def execute(cfg: DictConfig, stages: dict[str, Stage], items: list[PlanItem], cache_dir: Path, lock_dir: Path) -> None:
-    """Run the plan in order. Raises whatever a stage raises, leaving no manifest behind."""
+    """Run the plan in order. Raises whatever a stage raises, leaving no manifest behind.
+
+    Under ``torchrun`` (a process group is initialised) every rank runs the stage body,
+    so training and encoding can shard the work; only rank 0 takes the lock, prepares
+    ``.partial``/``.work`` and writes the manifest, and the ranks meet at barriers.
+    """
+    rank, _, dist = dist_state()
     lock_dir.mkdir(parents=True, exist_ok=True)
     done: dict[str, Path] = {}
     upstream_keys: list[str] = []
@@ -299,9 +326,11 @@ def execute(cfg: DictConfig, stages: dict[str, Stage], items: list[PlanItem], ca
         stage = stages[item.stage]
         final = item.dir
         assert final is not None and item.key is not None
-        with FileLock(str(lock_dir / f"{item.key}.lock")):
+        lock = FileLock(str(lock_dir / f"{item.key}.lock")) if rank == 0 else nullcontext()
+        with lock:
             manifest = final / "manifest.json"
-            if manifest.exists() and item.status != "force":
+            cached = _agree(dist, manifest.exists() and item.status != "force")
+            if cached:
                 m = json.loads(manifest.read_text())
                 item.status, item.metrics, item.seconds = "cached", m.get("metrics", {}), 0.0
                 log.info("[%s] cached: %s", item.stage, final)
@@ -312,19 +341,27 @@ def execute(cfg: DictConfig, stages: dict[str, Stage], items: list[PlanItem], ca
 
 
 def _run_one(cfg, stage: Stage, item: PlanItem, final: Path, upstream: dict[str, Path], upstream_keys: list[str]):
+    rank, _, dist = dist_state()
     partial = final.with_name(final.name + ".partial")
     work = final.with_name(final.name + ".work")
-    _rmtree(partial)  # a half-written attempt is never reused
-    partial.mkdir(parents=True)
     resumed = work.exists() and any(work.iterdir())
-    work.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        _rmtree(partial)  # a half-written attempt is never reused
+        partial.mkdir(parents=True)
+        work.mkdir(parents=True, exist_ok=True)
+    if dist is not None:
+        dist.barrier()
     ctx = Context(stage.name, item.key, _stage_view(cfg, stage), partial, work, upstream)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     log.info("[%s] running -> %s%s", stage.name, final, " (work dir has state to resume from)" if resumed else "")
     try:
-        metrics = stage.run(ctx) or {}
+        metrics = (stage.run(ctx) or {}) if (rank == 0 or stage.distributed) else {}
+        if dist is not None:
+            dist.barrier()
     except BaseException:
+        if rank != 0:
+            raise
         _rmtree(partial)
         if work.exists() and not any(work.iterdir()):
             work.rmdir()
@@ -333,6 +370,10 @@ def _run_one(cfg, stage: Stage, item: PlanItem, final: Path, upstream: dict[str,
             stage_dir.rmdir()
         raise
     seconds = time.perf_counter() - t0
+    if rank != 0:
+        item.status, item.seconds, item.metrics = "ran", seconds, metrics
+        dist.barrier()  # wait for rank 0's manifest and rename
+        return
     files = {
         str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()
     }
@@ -359,4 +400,6 @@ def _run_one(cfg, stage: Stage, item: PlanItem, final: Path, upstream: dict[str,
     _rmtree(trash)
     _rmtree(work)
     item.status, item.seconds, item.metrics = "ran", seconds, metrics
+    if dist is not None:
+        dist.barrier()
     log.info("[%s] done in %.1fs", stage.name, seconds)

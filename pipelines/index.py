@@ -843,4 +843,6 @@ def search_queries(ctx: Context, queries: dict[str, str], depth: int) -> dict[st
     return run
 
 
-STAGE = Stage(name="index", version="1", reads=("data", "model", "index", "pipeline.index"), run=run)
+STAGE = Stage(
+    name="index", version="1", reads=("data", "model", "index", "pipeline.index"), run=run, distributed=True
+)

@@ -50,20 +50,40 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     print(format_plan(items), flush=True)
     if cfg.get("dry_run"):
         return {"plan": [{"stage": i.stage, "key": i.key, "status": i.status} for i in items]}
+    rank = init_distributed_from_env(cfg)
     t0 = time.perf_counter()
     try:
         execute(cfg, stages, items, cache, out_root / "locks")
     finally:
         summary = _summary(cfg, items, time.perf_counter() - t0)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _link_stages(run_dir, items)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _point_latest(out_root, run_dir)
-        _point_experiment(cfg, out_root, run_dir)
+        if rank == 0:  # under torchrun only rank 0 writes the run directory
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _link_stages(run_dir, items)
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            _point_latest(out_root, run_dir)
+            _point_experiment(cfg, out_root, run_dir)
+    if rank != 0:
+        return summary
     if cfg.get("logger") == "wandb":
         _log_wandb(cfg, summary, run_dir)
     _print_metrics(summary["metrics"])
     return summary
+
+
+def init_distributed_from_env(cfg: DictConfig) -> int:
+    """Under ``torchrun`` (WORLD_SIZE > 1) join the process group; returns this rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dev = str(cfg.runtime.device)
+        cuda = torch.cuda.is_available() and dev in ("auto", "cuda") or dev.startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return dist.get_rank()
 
 
 def torch_threads(cfg: DictConfig) -> None:
