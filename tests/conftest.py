@@ -118,3 +118,38 @@ def compose_cfg():
 
 def tiny_overrides() -> list[str]:
     return ["model=bm25", "data=beir", "data.name=tiny", "debug=tiny"]
+
+
+def make_tiny_bert(out: Path, texts: list[str], hidden: int = 32, seed: int = 0) -> Path:
+    """A random 2-layer BERT with a WordPiece vocab of ``texts``' words, saved as an HF directory."""
+    import inspect
+    import re
+
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    words = sorted({w for t in texts for w in re.findall(r"\w+", t.lower())})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    kw = "vocab" if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters else "vocab_file"
+    tok = BertTokenizerFast(**{kw: str(out / "vocab.txt")})
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=128, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    BertModel(cfg, add_pooling_layer=False).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def tiny_texts(root: Path) -> list[str]:
+    """Every title, text and query of a BEIR dataset directory."""
+    texts = []
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        for line in (root / name).read_text().splitlines():
+            o = json.loads(line)
+            texts.append(f"{o.get('title', '')} {o['text']}")
+    return texts
