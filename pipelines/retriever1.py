@@ -19,8 +19,10 @@ Face directories, ``drlab_encoder.json`` and sentence-transformers files),
 ``eval_every`` > 0), ``loss.png`` and ``train_stats.json``. A killed run resumes
 from the last ``trainer_state.pt`` in its work dir (every ``save_every`` steps).
 
-Distributed: under ``torchrun`` (WORLD_SIZE > 1) the stage joins the process group;
-every rank trains on its slice of each global batch and only rank 0 writes.
+Distributed: ``torchrun --nproc_per_node N run.py ...`` runs the stage on every rank
+(``distributed=True``; the runner joins the process group, nccl on GPU, else gloo);
+every rank trains on its slice of each global batch, in-batch negatives are gathered
+across ranks, and only rank 0 writes checkpoints and artifacts.
 """
 
 from __future__ import annotations
@@ -124,6 +126,11 @@ def run(ctx: Context) -> dict[str, float]:
         dev_queries = {q: ds.queries[q] for q in dev_qrels if q in ds.queries}
         n_eval_q = len(dev_queries)
 
+    if n_eval_q == 0 and int(p.get("eval_every") or 0) > 0:
+        log.warning("[retriever1] eval_every=%s but no dev queries (too few train queries to hold out "
+                    "and no data.dev_split): dev evaluation is off", p.get("eval_every"))
+    elif n_eval_q:
+
         def evaluator(enc):
             return brute_force_eval(
                 enc, doc_ids, texts, dev_queries, dev_qrels, device=device,
@@ -150,7 +157,8 @@ def run(ctx: Context) -> dict[str, float]:
         )
 
     train_data = ContrastiveData({q: ds.queries[q] for q in positives}, positives, doc_text, pool, n_neg)
-    args = TrainArgs.from_dict({**p, "seed": int(ctx.cfg.seed), "progress": bool(p.get("progress", True))})
+    progress = bool(ctx.runtime.get("progress", True))  # +runtime.progress=false: no bar (not hashed)
+    args = TrainArgs.from_dict({**p, "seed": int(ctx.cfg.seed), "progress": progress})
     trainer = Trainer(encoder, train_data, args, ctx.work, device=device, evaluator=evaluator, name="retriever1")
     result = trainer.train()
 
@@ -158,6 +166,7 @@ def run(ctx: Context) -> dict[str, float]:
         "steps": float(result.step),
         "examples": float(len(train_data)),
         "train_seconds": round(result.seconds, 2),
+        "train_seconds_total": round(result.seconds_total, 2),
     }
     losses = [r for r in result.log if "loss" in r]
     if losses:
@@ -185,4 +194,6 @@ def run(ctx: Context) -> dict[str, float]:
     return metrics
 
 
-STAGE = Stage(name="retriever1", version="1", reads=("data", "model", "pipeline.retriever1", "seed"), run=run)
+STAGE = Stage(
+    name="retriever1", version="1", reads=("data", "model", "pipeline.retriever1", "seed"), run=run, distributed=True
+)

@@ -4,11 +4,12 @@ Paper recipe: two BERT-base towers (query and passage, not shared), [CLS]
 pooling, dot-product similarity, trained with in-batch negatives plus one BM25
 hard negative per question (NLL over the positive's softmax).
 
-What differs here: the towers start from any checkpoint (the offline default is
-sentence-transformers/all-MiniLM-L6-v2, as no raw BERT ships offline; the
-full-scale experiment config keeps ``bert-base-uncased``), the number and rank
-window of BM25 negatives are configurable (``pipeline.retriever1``), and a
-temperature can scale the dot product.
+What differs here: the towers start from any checkpoint. The offline default is
+sentence-transformers/all-MiniLM-L6-v2 (no raw BERT ships offline), a model trained
+with mean pooling and cosine similarity, so ``conf/model/dpr.yaml`` keeps its mean
+pooling and scores cosine / 0.05; the paper's [CLS] + dot product + bert-base-uncased
+is ``experiment=dpr-paper``. The number and rank window of BM25 negatives are
+configurable (``pipeline.retriever1``), as is a temperature on the similarity.
 """
 
 from __future__ import annotations

@@ -95,6 +95,11 @@ def contrastive_loss(scores: torch.Tensor, batch: "Batch") -> torch.Tensor:
     return info_nce(scores, batch.targets(scores.device), batch.mask(scores.device))
 
 
+def contrastive_loss_unmasked(scores: torch.Tensor, batch: "Batch") -> torch.Tensor:
+    """InfoNCE over in-batch + hard negatives as DPR computes it (no false-negative mask)."""
+    return info_nce(scores, batch.targets(scores.device))
+
+
 # =========================================================================== negatives
 
 
@@ -322,8 +327,13 @@ class _RngState:
             yield
 
 
-def _slice(feats: dict[str, torch.Tensor], i: int, j: int) -> dict[str, torch.Tensor]:
-    return {k: v[i:j] for k, v in feats.items()}
+def _slice(feats: dict[str, torch.Tensor], i: int, j: int, right_padded: bool = True) -> dict[str, torch.Tensor]:
+    """Rows ``i:j``; with right padding, also cut the columns that are padding in every row of the chunk."""
+    out = {k: v[i:j] for k, v in feats.items()}
+    if right_padded and "attention_mask" in out:
+        n = int(out["attention_mask"].sum(1).max())
+        out = {k: v[:, :n] if v.dim() == 2 else v for k, v in out.items()}
+    return out
 
 
 def _autocast(device: torch.device, precision: str):
@@ -375,6 +385,7 @@ def contrastive_step(
         return float(loss.detach())
 
     # GradCache: 1) embeddings without a graph, chunk by chunk, remembering RNG states
+    right = getattr(encoder.tokenizer, "padding_side", "right") == "right"
     cached: dict[str, tuple[torch.Tensor, list[tuple[int, int, _RngState]]]] = {}
     for side, feats in (("query", q_feats), ("doc", d_feats)):
         n = feats["input_ids"].shape[0]
@@ -383,7 +394,7 @@ def contrastive_step(
             j = min(n, i + chunk_size)
             state = _RngState(device)
             with torch.no_grad(), _autocast(device, precision):
-                embs.append(encoder.embed(_slice(feats, i, j), side).float())
+                embs.append(encoder.embed(_slice(feats, i, j, right), side).float())
             chunks.append((i, j, state))
         cached[side] = (torch.cat(embs).requires_grad_(True), chunks)
     # 2) loss and its gradient with respect to the embeddings
@@ -395,7 +406,7 @@ def contrastive_step(
         leaf, chunks = cached[side]
         for i, j, state in chunks:
             with state.replay(), _autocast(device, precision):
-                emb = encoder.embed(_slice(feats, i, j), side).float()
+                emb = encoder.embed(_slice(feats, i, j, right), side).float()
             emb.backward(leaf.grad[i:j])
     return float(loss.detach())
 
@@ -421,6 +432,7 @@ class TrainArgs:
     chunk_size: int = 16
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: CUDA only, with GradScaler)
     temperature: float | None = None  # None: the encoder's own
+    mask_false_negatives: bool = True  # drop a query's other judged positives from its softmax
     seed: int = 42
     save_every: int = 0  # optimizer steps between checkpoints in the work dir (0: only at the end)
     log_every: int = 10
@@ -438,7 +450,17 @@ class TrainResult:
     step: int
     resumed_from: int | None
     log: list[dict[str, Any]]
-    seconds: float
+    seconds: float  # this process
+    seconds_total: float  # including the runs it resumed from (up to their last checkpoint)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in backward (transformers 5: ``activation_checkpointing_enable``; 4.x: the old name)."""
+    kwargs = {"use_reentrant": False}  # non-reentrant: works with inputs that need no grad
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def seed_everything(seed: int) -> None:
@@ -475,6 +497,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 class Trainer:
     """Trains ``encoder`` on ``data`` with ``args``; checkpoints into ``work_dir`` and resumes from it.
 
+    ``loss_fn(scores, batch)`` defaults to InfoNCE (masked or not, per ``args.mask_false_negatives``).
     ``evaluator(encoder) -> metrics`` runs every ``eval_every`` steps on rank 0.
     ``name`` appears in log lines (``resuming <name> from step N``).
     """
@@ -487,7 +510,7 @@ class Trainer:
         work_dir: str | Path,
         *,
         device: torch.device | str = "cpu",
-        loss_fn: LossFn = contrastive_loss,
+        loss_fn: LossFn | None = None,
         evaluator: Callable[[Any], dict[str, float]] | None = None,
         name: str = "trainer",
     ):
@@ -496,6 +519,8 @@ class Trainer:
         self.args = args
         self.work = Path(work_dir)
         self.device = torch.device(device)
+        if loss_fn is None:
+            loss_fn = contrastive_loss if args.mask_false_negatives else contrastive_loss_unmasked
         self.loss_fn = loss_fn
         self.evaluator = evaluator
         self.name = name
@@ -567,6 +592,7 @@ class Trainer:
                 "world_size": self.world,
                 "total_steps": self.total_steps,
                 "batch_size": self.args.batch_size,
+                "seconds": self._elapsed(),
             }
             atomic_torch_save(state, self.work / STATE_FILE)
             log.debug("[%s] checkpoint at step %d -> %s", self.name, step, self.work / STATE_FILE)
@@ -593,7 +619,12 @@ class Trainer:
             _set_rng_states(rngs[self.rank])
         else:
             log.warning("[%s] checkpoint from %d rank(s), now %d: RNG states not restored", self.name, len(rngs), self.world)
+        self._seconds_before = float(state.get("seconds", 0.0))
         return int(state["step"]), int(state["epoch"]), int(state["position"])
+
+    def _elapsed(self) -> float:
+        """Training seconds so far, including those of the runs this one resumed."""
+        return self._seconds_before + time.perf_counter() - self._t_start
 
     # ------------------------------------------------------------------ loop
     def train(self) -> TrainResult:
@@ -603,7 +634,7 @@ class Trainer:
         self.encoder.train()
         if a.gradient_checkpointing:
             for m in {id(t): t for t in (self.encoder.tower("query"), self.encoder.tower("doc"))}.values():
-                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_gradient_checkpointing(m)
         broadcast_params(self.encoder)
         params = [p for p in self.encoder.parameters() if p.requires_grad]
         opt, sched = self._optimizer()
@@ -611,6 +642,7 @@ class Trainer:
         if self.rank == 0:
             self.work.mkdir(parents=True, exist_ok=True)
         step, epoch, pos = 0, 0, 0
+        self._seconds_before, self._t_start = 0.0, time.perf_counter()
         resumed = self._load(opt, sched, scaler)
         log_path = self.work / LOG_FILE
         history: list[dict[str, Any]] = []
@@ -634,7 +666,7 @@ class Trainer:
 
         bar = tqdm(total=total, initial=step, desc=self.name, unit="step", disable=not (a.progress and self.rank == 0),
                    mininterval=2, dynamic_ncols=True)
-        t_start = time.perf_counter()
+        t_start = self._t_start = time.perf_counter()
         t_log, ex_log, losses = time.perf_counter(), 0, []
         accum = 0
         opt.zero_grad(set_to_none=True)
@@ -680,7 +712,7 @@ class Trainer:
                         "lr": sched.get_last_lr()[0],
                         "grad_norm": gnorm,
                         "examples_per_s": ex_log / dt if dt > 0 else float("nan"),
-                        "seconds": time.perf_counter() - t_start,
+                        "seconds": self._elapsed(),  # cumulative over resumed runs
                     }
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", ex_s=f"{rec['examples_per_s']:.1f}")
                     self._record(rec, history, log_path)
@@ -694,7 +726,9 @@ class Trainer:
         bar.close()
         self._save(opt, sched, scaler, step, epoch, pos)
         self.encoder.eval()
-        return TrainResult(step, resumed[0] if resumed else None, history, time.perf_counter() - t_start)
+        return TrainResult(
+            step, resumed[0] if resumed else None, history, time.perf_counter() - t_start, self._elapsed()
+        )
 
     def _record(self, rec: dict[str, Any], history: list, log_path: Path) -> None:
         history.append(rec)
