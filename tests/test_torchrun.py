@@ -49,3 +49,23 @@ def test_torchrun_two_ranks_equals_single_process(tmp_path: Path):
         assert s_dist["stages"][stage]["key"] == s_single["stages"][stage]["key"]
     for k, v in s_single["metrics"].items():
         assert abs(s_dist["metrics"][k] - v) < 1e-6, k
+
+
+def test_torchrun_dpr_chain_trains_on_two_ranks(tmp_path: Path):
+    """bm25 (rank 0) -> retriever1 (both ranks, gathered in-batch negatives) -> index -> eval."""
+    data = make_tiny_beir(tmp_path / "data" / "tiny")
+    model = make_tiny_bert(tmp_path / "model", tiny_texts(data))
+    res = _run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+         "run.py", "model=dpr", f"model.checkpoint={model}", "data=beir", "data.name=tiny", "data.train_split=train",
+         f"paths.data_dir={tmp_path / 'data'}", f"paths.output_dir={tmp_path / 'out'}", "runtime.threads=1",
+         "pipeline.retriever1.max_steps=3", "pipeline.retriever1.batch_size=2", "pipeline.bm25.hits=10"],
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "on 2 rank(s)" in res.stdout + res.stderr
+    summary = json.loads(Path(res.stdout.strip().splitlines()[-1].split(" ", 1)[1]).read_text())
+    assert [summary["stages"][s]["status"] for s in ("bm25", "retriever1", "index", "eval")] == ["ran"] * 4
+    ckpt = Path(summary["stages"]["retriever1"]["dir"]) / "checkpoint"
+    assert (ckpt / "drlab_encoder.json").exists() and (ckpt / "query_encoder" / "config.json").exists()
+    assert "test/ndcg@10" in summary["metrics"]
