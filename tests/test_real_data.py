@@ -130,3 +130,13 @@ def test_real_dataset_loads(name, tmp_path):
         assert ds.qrels[s]
         assert set(ds.qrels[s]) <= set(ds.queries), "unknown queries are dropped"
         assert ds.split_queries(s)
+
+
+def test_pretrained_minilm_matches_mteb(out_dir):
+    """all-MiniLM-L6-v2 zero-shot on SciFact test: MTEB's published nDCG@10 0.6451 (+- 0.001)."""
+    args = ["model=pretrained", "model.checkpoint=sentence-transformers/all-MiniLM-L6-v2", "data=scifact",
+            "stage=eval", f"paths.data_dir={DATA}", f"paths.output_dir={out_dir}"]
+    proc = run_cli(args, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = summary_of(proc)["metrics"]
+    assert abs(m["test/ndcg@10"] - 0.6451) <= 0.001, m
