@@ -593,6 +593,7 @@ class Trainer:
                 "total_steps": self.total_steps,
                 "batch_size": self.args.batch_size,
                 "seconds": self._elapsed(),
+                "pending_losses": list(self._pending_losses),
             }
             atomic_torch_save(state, self.work / STATE_FILE)
             log.debug("[%s] checkpoint at step %d -> %s", self.name, step, self.work / STATE_FILE)
@@ -620,6 +621,7 @@ class Trainer:
         else:
             log.warning("[%s] checkpoint from %d rank(s), now %d: RNG states not restored", self.name, len(rngs), self.world)
         self._seconds_before = float(state.get("seconds", 0.0))
+        self._pending_losses = list(state.get("pending_losses", []))
         return int(state["step"]), int(state["epoch"]), int(state["position"])
 
     def _elapsed(self) -> float:
@@ -642,7 +644,7 @@ class Trainer:
         if self.rank == 0:
             self.work.mkdir(parents=True, exist_ok=True)
         step, epoch, pos = 0, 0, 0
-        self._seconds_before, self._t_start = 0.0, time.perf_counter()
+        self._seconds_before, self._t_start, self._pending_losses = 0.0, time.perf_counter(), []
         resumed = self._load(opt, sched, scaler)
         log_path = self.work / LOG_FILE
         history: list[dict[str, Any]] = []
@@ -667,7 +669,8 @@ class Trainer:
         bar = tqdm(total=total, initial=step, desc=self.name, unit="step", disable=not (a.progress and self.rank == 0),
                    mininterval=2, dynamic_ncols=True)
         t_start = self._t_start = time.perf_counter()
-        t_log, ex_log, losses = time.perf_counter(), 0, []
+        # losses of the steps since the last log line (restored on resume, so the log is the same)
+        t_log, ex_log, losses = time.perf_counter(), 0, self._pending_losses
         accum = 0
         opt.zero_grad(set_to_none=True)
         while step < total:
@@ -717,6 +720,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", ex_s=f"{rec['examples_per_s']:.1f}")
                     self._record(rec, history, log_path)
                     t_log, ex_log, losses = time.perf_counter(), 0, []
+                    self._pending_losses = losses
                 if a.eval_every and self.evaluator is not None and step % a.eval_every == 0:
                     self._evaluate(step, history, log_path)
                 if a.save_every and step % a.save_every == 0 and step < total:
