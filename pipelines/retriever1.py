@@ -77,8 +77,47 @@ def _holdout(positives: dict[str, list[str]], n: int, seed: int) -> tuple[dict, 
     return {q: d for q, d in positives.items() if q not in set(dev_q)}, dev_q
 
 
+def bm25_pool(ctx: Context, split: str, positives: dict, window, who: str) -> dict[str, list[str]]:
+    """BM25 hard-negative pool of the train queries: ranks ``window`` of the upstream bm25 train run."""
+    run_file = ctx.upstream["bm25"] / "runs" / f"{split}.trec"
+    if not run_file.exists():
+        raise ConfigError(f"{run_file} is missing: the bm25 stage did not search the '{split}' queries")
+    pool = window_negatives(read_trec(run_file), positives, tuple(window or (1, 100)))
+    sizes = [len(pool.get(q, ())) for q in positives]
+    log.info(
+        "[%s] BM25 negatives from ranks %s of %s: mean pool %.1f per query",
+        who, list(window or (1, 100)), run_file.name, sum(sizes) / max(1, len(sizes)),
+    )
+    return pool
+
+
 def run(ctx: Context) -> dict[str, float]:
     p = OmegaConf.to_container(ctx.cfg.pipeline.retriever1, resolve=True)
+
+    def negatives(split, positives, doc_text, encoder, ds, index_doc_len):
+        n_neg = int(p.get("n_negatives") or 0)
+        if n_neg <= 0:
+            return ContrastiveData({q: ds.queries[q] for q in positives}, positives, doc_text), None, {}
+        if "bm25" not in ctx.upstream:
+            raise ConfigError(
+                f"pipeline.retriever1.n_negatives={n_neg} takes BM25 hard negatives, but model "
+                f"'{ctx.cfg.model.name}' has no bm25 stage before retriever1 in its chain. "
+                f"Fix: add bm25 to model.chain or set pipeline.retriever1.n_negatives=0 (in-batch negatives only)."
+            )
+        pool = bm25_pool(ctx, split, positives, p.get("neg_window"), "retriever1")
+        data = ContrastiveData({q: ds.queries[q] for q in positives}, positives, doc_text, pool, n_neg)
+        return data, None, {"n_negatives": n_neg, "neg_window": p.get("neg_window")}
+
+    return train_stage(ctx, "retriever1", p, negatives)
+
+
+def train_stage(ctx: Context, name: str, p: dict, negatives) -> dict[str, float]:
+    """Shared body of the bi-encoder training stages (retriever1, retriever2).
+
+    ``negatives(split, positives, doc_text, encoder, ds, index_doc_len) -> (ContrastiveData,
+    refresher or None, stats)`` decides where hard negatives come from (``index_doc_len``:
+    the encoder's indexing length; its ``cfg`` holds the training length meanwhile).
+    """
     data = OmegaConf.to_container(ctx.cfg.data, resolve=True)
     torch.set_num_threads(int(ctx.runtime.threads))
     device = resolve_device(str(ctx.runtime.device))
@@ -101,7 +140,7 @@ def run(ctx: Context) -> dict[str, float]:
     init = latest_checkpoint(ctx.upstream)
     encoder = instantiate_encoder(ctx.cfg.model.encoder, checkpoint=init)
     if init:
-        log.info("[retriever1] starting from upstream checkpoint %s", init)
+        log.info("[%s] starting from upstream checkpoint %s", name, init)
     saved_doc_len = encoder.cfg["doc_max_len"]
     if p.get("train_doc_max_len"):
         encoder.cfg["doc_max_len"] = int(p["train_doc_max_len"])
@@ -122,13 +161,13 @@ def run(ctx: Context) -> dict[str, float]:
         else:
             positives, dev_q = _holdout(positives, int(p.get("dev_queries", 50)), int(ctx.cfg.seed))
             dev_qrels = {q: ds.qrels[split][q] for q in dev_q}
-            log.info("[retriever1] no data.dev_split: %d train queries held out for dev evaluation", len(dev_q))
+            log.info("[%s] no data.dev_split: %d train queries held out for dev evaluation", name, len(dev_q))
         dev_queries = {q: ds.queries[q] for q in dev_qrels if q in ds.queries}
         n_eval_q = len(dev_queries)
 
     if n_eval_q == 0 and int(p.get("eval_every") or 0) > 0:
-        log.warning("[retriever1] eval_every=%s but no dev queries (too few train queries to hold out "
-                    "and no data.dev_split): dev evaluation is off", p.get("eval_every"))
+        log.warning("[%s] eval_every=%s but no dev queries (too few train queries to hold out "
+                    "and no data.dev_split): dev evaluation is off", name, p.get("eval_every"))
     elif n_eval_q:
 
         def evaluator(enc):
@@ -137,29 +176,11 @@ def run(ctx: Context) -> dict[str, float]:
                 batch_size=int(ctx.runtime.encode_batch_size), metrics=("ndcg@10", "recall@100"),
             )
 
-    n_neg = int(p.get("n_negatives") or 0)
-    pool = None
-    if n_neg > 0:
-        if "bm25" not in ctx.upstream:
-            raise ConfigError(
-                f"pipeline.retriever1.n_negatives={n_neg} takes BM25 hard negatives, but model "
-                f"'{ctx.cfg.model.name}' has no bm25 stage before retriever1 in its chain. "
-                f"Fix: add bm25 to model.chain or set pipeline.retriever1.n_negatives=0 (in-batch negatives only)."
-            )
-        run_file = ctx.upstream["bm25"] / "runs" / f"{split}.trec"
-        if not run_file.exists():
-            raise ConfigError(f"{run_file} is missing: the bm25 stage did not search the '{split}' queries")
-        pool = window_negatives(read_trec(run_file), positives, tuple(p.get("neg_window") or (1, 100)))
-        sizes = [len(pool.get(q, ())) for q in positives]
-        log.info(
-            "[retriever1] BM25 negatives from ranks %s of %s: mean pool %.1f per query",
-            list(p.get("neg_window") or (1, 100)), run_file.name, sum(sizes) / max(1, len(sizes)),
-        )
-
-    train_data = ContrastiveData({q: ds.queries[q] for q in positives}, positives, doc_text, pool, n_neg)
+    train_data, refresher, neg_stats = negatives(split, positives, doc_text, encoder, ds, saved_doc_len)
     progress = bool(ctx.runtime.get("progress", True))  # +runtime.progress=false: no bar (not hashed)
     args = TrainArgs.from_dict({**p, "seed": int(ctx.cfg.seed), "progress": progress})
-    trainer = Trainer(encoder, train_data, args, ctx.work, device=device, evaluator=evaluator, name="retriever1")
+    trainer = Trainer(encoder, train_data, args, ctx.work, device=device, evaluator=evaluator, name=name,
+                      refresher=refresher)
     result = trainer.train()
 
     metrics: dict[str, float] = {
@@ -179,11 +200,10 @@ def run(ctx: Context) -> dict[str, float]:
         encoder.to("cpu")
         encoder.save(ctx.out / "checkpoint")
         shutil.copyfile(ctx.work / LOG_FILE, ctx.out / LOG_FILE)
-        plot_loss(result.log, ctx.out / "loss.png", title=f"retriever1 on {data['name']}")
+        plot_loss(result.log, ctx.out / "loss.png", title=f"{name} on {data['name']}")
         stats = {
             **train_data.stats,
-            "n_negatives": n_neg,
-            "neg_window": p.get("neg_window"),
+            **neg_stats,
             "dev_queries": n_eval_q,
             "world_size": world,
             "device": str(device),

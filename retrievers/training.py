@@ -188,25 +188,35 @@ class ContrastiveData:
         doc_text: dict[str, str],
         negative_pool: dict[str, list[str]] | None = None,
         n_negatives: int = 0,
+        mix_pool: dict[str, list[str]] | None = None,
+        n_mix: int = 0,
     ):
         self.queries = queries
         self.positives = {q: list(ds) for q, ds in positives.items() if ds and q in queries}
         self.pos_sets = {q: frozenset(ds) for q, ds in self.positives.items()}
         self.doc_text = doc_text
-        self.pool = negative_pool or {}
-        self.n_negatives = int(n_negatives)
+        self.n_pool = int(n_negatives)
+        self.mix_pool = mix_pool or {}
+        self.n_mix = int(n_mix) if mix_pool is not None else 0
+        self.n_negatives = self.n_pool + self.n_mix  # hard negatives per example (group = 1 + this)
         missing = sorted({d for ds in self.positives.values() for d in ds if d not in doc_text})
         if missing:
             log.warning("%d positive document(s) are not in the corpus (e.g. %s); their examples are dropped",
                         len(missing), missing[:3])
         self.pairs = [(q, d) for q, ds in self.positives.items() for d in ds if d in doc_text]
         self.doc_ids = list(doc_text)
-        short = sum(1 for q, _ in self.pairs if len(self.pool.get(q, ())) < self.n_negatives)
-        self.stats = {"examples": len(self.pairs), "queries": len(self.positives), "short_pools": short}
-        if self.n_negatives and short:
+        self.stats: dict[str, Any] = {"examples": len(self.pairs), "queries": len(self.positives)}
+        self.set_pool(negative_pool or {})
+
+    def set_pool(self, negative_pool: dict[str, list[str]]) -> None:
+        """Swap the hard-negative pool (ANCE refresh); batches made afterwards sample from it."""
+        self.pool = negative_pool
+        short = sum(1 for q, _ in self.pairs if len(self.pool.get(q, ())) < self.n_pool)
+        self.stats["short_pools"] = short
+        if self.n_pool and short:
             log.warning(
                 "%d of %d examples have fewer than %d hard negatives in their pool; random corpus documents fill in",
-                short, len(self.pairs), self.n_negatives,
+                short, len(self.pairs), self.n_pool,
             )
 
     def __len__(self) -> int:
@@ -216,14 +226,19 @@ class ContrastiveData:
         """Full batches per epoch (the last incomplete batch is dropped; a new order every epoch)."""
         return len(self.pairs) // batch_size
 
+    def _from_pool(self, pool, k: int, rng: np.random.Generator, taken: Sequence[str]) -> list[str]:
+        cands = [d for d in pool if d in self.doc_text and d not in taken]
+        if len(cands) >= k:
+            return [cands[i] for i in rng.choice(len(cands), size=k, replace=False)]
+        return cands
+
     def _negatives(self, qid: str, rng: np.random.Generator) -> list[str]:
         n = self.n_negatives
         if not n:
             return []
-        pool = [d for d in self.pool.get(qid, ()) if d in self.doc_text]
-        if len(pool) >= n:
-            return [pool[i] for i in rng.choice(len(pool), size=n, replace=False)]
-        out = list(pool)
+        out = self._from_pool(self.pool.get(qid, ()), self.n_pool, rng, ()) if self.n_pool else []
+        if self.n_mix:
+            out += self._from_pool(self.mix_pool.get(qid, ()), self.n_mix, rng, out)
         pos = self.pos_sets[qid]
         while len(out) < n:
             d = self.doc_ids[int(rng.integers(len(self.doc_ids)))]
@@ -500,6 +515,14 @@ class Trainer:
     ``loss_fn(scores, batch)`` defaults to InfoNCE (masked or not, per ``args.mask_false_negatives``).
     ``evaluator(encoder) -> metrics`` runs every ``eval_every`` steps on rank 0.
     ``name`` appears in log lines (``resuming <name> from step N``).
+
+    ``refresher`` (optional; ANCE, see :class:`retrievers.ance.AnnRefresher`) swaps the
+    hard-negative pool during training. It has ``every`` (steps), ``request(encoder, step)``
+    (sync: mines now and returns the new pool; async: hands the weights to a worker and
+    returns None), ``poll(step)`` (a pool that became ready, or None), ``restore(step)``
+    (the pool in force at a checkpointed step, for resuming) and ``close()``. After a swap
+    the rest of the current epoch is re-sampled from the new pool (same batch order) and a
+    checkpoint is written, so a resumed run sees exactly the batches an uninterrupted one saw.
     """
 
     def __init__(
@@ -513,6 +536,7 @@ class Trainer:
         loss_fn: LossFn | None = None,
         evaluator: Callable[[Any], dict[str, float]] | None = None,
         name: str = "trainer",
+        refresher: Any = None,
     ):
         self.encoder = encoder
         self.data = data
@@ -524,6 +548,7 @@ class Trainer:
         self.loss_fn = loss_fn
         self.evaluator = evaluator
         self.name = name
+        self.refresher = refresher
         self.rank, self.world = dist_info()
         self._check()
 
@@ -653,6 +678,10 @@ class Trainer:
             log.info("resuming %s from step %d (epoch %d, batch %d)", self.name, step, epoch, pos)
             if log_path.exists():
                 history = [r for r in map(json.loads, log_path.read_text().splitlines()) if r["step"] <= step]
+        if self.refresher is not None:
+            pool = self.refresher.restore(step)
+            if pool is not None:
+                self.data.set_pool(pool)
         if self.rank == 0:
             tmp = log_path.with_name(LOG_FILE + ".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
@@ -723,16 +752,42 @@ class Trainer:
                     self._pending_losses = losses
                 if a.eval_every and self.evaluator is not None and step % a.eval_every == 0:
                     self._evaluate(step, history, log_path)
-                if a.save_every and step % a.save_every == 0 and step < total:
+                swapped = False
+                if self.refresher is not None and step < total:
+                    swapped = self._refresh(step)
+                    if swapped:  # the rest of this epoch: same order, negatives from the new pool
+                        batches = self.data.epoch_batches(epoch, a.seed, a.batch_size)
+                if step < total and (swapped or (a.save_every and step % a.save_every == 0)):
                     self._save(opt, sched, scaler, step, epoch, pos)
             if pos >= len(batches):
                 epoch, pos = epoch + 1, 0
         bar.close()
+        if self.refresher is not None:
+            self.refresher.close()
         self._save(opt, sched, scaler, step, epoch, pos)
         self.encoder.eval()
         return TrainResult(
             step, resumed[0] if resumed else None, history, time.perf_counter() - t_start, self._elapsed()
         )
+
+    def _refresh(self, step: int) -> bool:
+        """Ask the refresher for new negatives at this step; True when the pool was swapped."""
+        r = self.refresher
+        pool = None
+        if self.rank == 0:
+            if r.every and step % r.every == 0:
+                pool = r.request(self.encoder, step)
+                self.encoder.train()
+            if pool is None:
+                pool = r.poll(step)
+        if self.world > 1:  # rank 0 mines; every rank trains on the same pool
+            box = [pool]
+            dist.broadcast_object_list(box, src=0)
+            pool = box[0]
+        if pool is None:
+            return False
+        self.data.set_pool(pool)
+        return True
 
     def _record(self, rec: dict[str, Any], history: list, log_path: Path) -> None:
         history.append(rec)
