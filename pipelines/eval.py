@@ -2,6 +2,9 @@
 
 The system evaluated is the chain's last retriever: the dense ``index`` stage when the
 chain has one (queries encoded with the same model), otherwise the ``bm25`` run.
+With a ``rerank`` stage upstream and ``rerank_depth`` > 0, the retriever's top
+``rerank_depth`` is re-scored by the trained teacher: its own row in the report, metrics
+``rerank/<split>/<metric>`` and ``runs/<split>.rerank.trec``.
 Options (``pipeline.eval``): ``fusion`` (``rrf`` or ``wsum`` with the BM25 run, via
 ranx), ``unseen_subset`` (also score the eval queries none of whose relevant
 documents is relevant in the train split, to separate generalisation from
@@ -76,6 +79,23 @@ def run(ctx: Context) -> dict[str, float]:
     if p.fusion and len(systems) > 1:
         systems[f"{main_name}+bm25 ({p.fusion})"] = fuse(systems, p.fusion, p.get("fusion_weights"))
         main_name = f"{main_name}+bm25 ({p.fusion})"
+    reranked_name = None
+    rr_depth = int(p.get("rerank_depth") or 0)
+    if rr_depth and "rerank" in ctx.upstream:
+        from pipelines.rerank import load_teacher, rerank_run
+        from retrievers.encoder import resolve_device
+
+        corpus = load_dataset(data, [split]).corpus
+        doc_text = {d: f"{x.get('title', '')} {x.get('text', '')}".strip() for d, x in corpus.items()}
+        del corpus
+        teacher = load_teacher(ctx.cfg.model.teacher, ctx.upstream["rerank"] / "checkpoint")
+        teacher.to(resolve_device(str(ctx.runtime.device)))
+        reranked_name = f"{main_name} >> rerank@{rr_depth}"
+        systems[reranked_name] = rerank_run(
+            teacher, systems[main_name], ds.split_queries(split), doc_text, rr_depth,
+            int(p.get("rerank_batch_size", 64)), progress=bool(ctx.runtime.get("progress", True)),
+        )
+        del teacher, doc_text
 
     (ctx.out / "runs").mkdir()
     rows: dict[str, dict[str, float]] = {}
@@ -101,8 +121,12 @@ def run(ctx: Context) -> dict[str, float]:
                 out.update({f"{subset}/{m}": v for m, v in means.items()})
                 if subset == split:
                     per_query_main = per_query
+            elif name == reranked_name:
+                out.update({f"rerank/{subset}/{m}": v for m, v in means.items()})
         curves[name] = recall_curve(qrels, r)
     write_trec(systems[main_name], ctx.out / "runs" / f"{split}.trec", tag=main_name.split()[0])
+    if reranked_name:
+        write_trec(systems[reranked_name], ctx.out / "runs" / f"{split}.rerank.trec", tag="rerank")
     save_json(out, ctx.out / "metrics.json")
     save_json(per_query_main, ctx.out / "per_query.json")
     primary = p.get("primary", metrics[0])

@@ -120,8 +120,11 @@ def tiny_overrides() -> list[str]:
     return ["model=bm25", "data=beir", "data.name=tiny", "debug=tiny"]
 
 
-def make_tiny_bert(out: Path, texts: list[str], hidden: int = 32, seed: int = 0) -> Path:
-    """A random 2-layer BERT with a WordPiece vocab of ``texts``' words, saved as an HF directory."""
+def make_tiny_bert(out: Path, texts: list[str], hidden: int = 32, seed: int = 0, punctuation: bool = False) -> Path:
+    """A random 2-layer BERT with a WordPiece vocab of ``texts``' words, saved as an HF directory.
+
+    ``punctuation``: the vocab also holds every punctuation character (and BERT's ``[unused0..1]``).
+    """
     import inspect
     import re
 
@@ -131,6 +134,10 @@ def make_tiny_bert(out: Path, texts: list[str], hidden: int = 32, seed: int = 0)
     out.mkdir(parents=True, exist_ok=True)
     words = sorted({w for t in texts for w in re.findall(r"\w+", t.lower())})
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    if punctuation:
+        import string
+
+        vocab += ["[unused0]", "[unused1]", *string.punctuation]
     (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
     kw = "vocab" if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters else "vocab_file"
     tok = BertTokenizerFast(**{kw: str(out / "vocab.txt")})

@@ -1,0 +1,239 @@
+"""Stage ``rerank``: train a teacher reranker on hard negatives; score the train candidates.
+
+The teacher is ``model.teacher`` (a ``_target_`` builder): a cross-encoder
+(:mod:`retrievers.cross_encoder`, SimLM's re-ranker) or ColBERT (:mod:`retrievers.colbert`,
+TCT-ColBERT's teacher). Both expose ``score_pairs(queries, docs)``.
+
+Training (``pipeline.rerank``): one group per (train query, positive) -- the positive and
+``n_negatives`` candidates sampled per epoch from the query's pool -- scored by the teacher
+and trained with softmax cross-entropy over the group (*localized contrastive estimation*,
+Gao et al. 2021; ColBERT's pairwise softmax when ``n_negatives`` is 1). The pool is the
+upstream ``mine`` stage's ``negatives.jsonl`` when the chain has one, else ranks
+``neg_window`` of the upstream bm25 train run. AdamW, linear warm-up/decay, gradient
+clipping; a resumable state is written to the work dir every ``save_every`` steps.
+
+Scoring: every train query's positives and its first ``score_depth`` pool candidates are
+scored by the trained teacher into ``teacher_scores.jsonl`` (``{"qid", "scores": {docid:
+score}}``: what ``distill`` learns from and what ``mine``'s false-negative filter reads).
+
+Writes ``checkpoint/`` (the teacher: Hugging Face layout + ``drlab_reranker.json`` or
+``colbert.json``), ``teacher_scores.jsonl``, ``train_log.jsonl``, ``loss.png``.
+The ``eval`` stage reranks the retriever's top ``pipeline.eval.rerank_depth`` with this
+checkpoint (its own row in the report).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from pipelines.executor import ConfigError, Context, Stage
+
+log = logging.getLogger("drlab")
+
+STATE = "reranker_state.pt"
+
+
+def load_teacher(teacher_cfg, checkpoint: str | Path | None = None):
+    from hydra.utils import instantiate
+
+    return instantiate(teacher_cfg, **({"checkpoint": str(checkpoint)} if checkpoint else {}))
+
+
+@torch.inference_mode()
+def score_pairs_batched(model, pairs: list[tuple[str, str]], batch_size: int, progress: bool = False,
+                        desc: str = "teacher scoring") -> np.ndarray:
+    """Teacher scores of (query text, doc text) pairs, in length-sorted batches."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    order = np.argsort([-(len(q) + len(d)) for q, d in pairs], kind="stable")
+    out = np.empty(len(pairs), dtype=np.float32)
+    for lo in tqdm(range(0, len(pairs), batch_size), desc=desc, disable=not progress, mininterval=5):
+        idx = order[lo : lo + batch_size]
+        s = model.score_pairs([pairs[i][0] for i in idx], [pairs[i][1] for i in idx])
+        out[idx] = s.float().cpu().numpy()
+    return out
+
+
+def rerank_run(model, run: dict[str, dict[str, float]], queries: dict[str, str], doc_text: dict[str, str],
+               depth: int, batch_size: int, progress: bool = True) -> dict[str, dict[str, float]]:
+    """The top ``depth`` of each query in ``run`` re-scored by ``model`` (deeper hits dropped)."""
+    from pipelines.evaluation import trec_order
+
+    pairs, keys = [], []
+    for q, docs in run.items():
+        for d, _ in trec_order(docs)[:depth]:
+            if d in doc_text and q in queries:
+                pairs.append((queries[q], doc_text[d]))
+                keys.append((q, d))
+    scores = score_pairs_batched(model, pairs, batch_size, progress=progress, desc=f"rerank top-{depth}")
+    out: dict[str, dict[str, float]] = {}
+    for (q, d), s in zip(keys, scores):
+        out.setdefault(q, {})[d] = float(s)
+    return out
+
+
+def train_reranker(model, examples: list[tuple[str, str]], pool: dict[str, list[str]], queries: dict[str, str],
+                   doc_text: dict[str, str], p: dict, seed: int, work: Path, progress: bool = True,
+                   name: str = "rerank") -> list[dict[str, Any]]:
+    """Group softmax cross-entropy training of ``model`` (resumable from ``work/STATE``)."""
+    from transformers import get_linear_schedule_with_warmup
+    from tqdm.auto import tqdm
+
+    from retrievers.colbert import group_ce_loss
+    from retrievers.training import atomic_torch_save
+
+    bs, n_neg = int(p.get("batch_size", 8)), int(p.get("n_negatives", 7))
+    per_epoch = max(1, len(examples) // bs)
+    total = int(p["max_steps"]) if p.get("max_steps") else max(1, math.ceil(float(p.get("epochs", 1)) * per_epoch))
+    opt = torch.optim.AdamW([x for x in model.parameters() if x.requires_grad], lr=float(p.get("lr", 2e-5)),
+                            weight_decay=float(p.get("weight_decay", 0.01)))
+    sched = get_linear_schedule_with_warmup(opt, round(float(p.get("warmup_ratio", 0.1)) * total), total)
+    step, history = 0, []
+    state_path = work / STATE
+    if state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        step, history = int(st["step"]), list(st["history"])
+        log.info("resuming %s from step %d", name, step)
+    doc_ids = list(doc_text)
+    model.train()
+    bar = tqdm(total=total, initial=step, desc=name, unit="step", disable=not progress, mininterval=2)
+    t0, losses = time.perf_counter(), []
+    while step < total:
+        epoch, pos_in_epoch = divmod(step, per_epoch)
+        rng = np.random.default_rng([int(seed), int(epoch)])
+        order = rng.permutation(len(examples))
+        idx = order[pos_in_epoch * bs : (pos_in_epoch + 1) * bs]
+        rng_b = np.random.default_rng([int(seed), int(epoch), int(pos_in_epoch)])
+        qs, ds = [], []
+        for i in idx:
+            q, d = examples[i]
+            cands = [c for c in pool.get(q, ()) if c in doc_text and c != d]
+            if len(cands) >= n_neg:
+                negs = [cands[j] for j in rng_b.choice(len(cands), size=n_neg, replace=False)]
+            else:
+                negs = list(cands)
+                while len(negs) < n_neg:
+                    negs.append(doc_ids[int(rng_b.integers(len(doc_ids)))])
+            for x in [d] + negs:
+                qs.append(queries[q])
+                ds.append(doc_text[x])
+        scores = model.score_pairs(qs, ds).view(len(idx), 1 + n_neg)
+        loss = group_ce_loss(scores)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"[{name}] loss is {loss.item()} at step {step + 1}; lower pipeline.rerank.lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float(p.get("max_grad_norm", 1.0)))
+        opt.step()
+        sched.step()
+        step += 1
+        bar.update(1)
+        losses.append(loss.item())
+        if step % int(p.get("log_every", 10)) == 0 or step == total:
+            rec = {"step": step, "loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
+                   "groups_per_s": len(losses) * bs / max(1e-9, time.perf_counter() - t0)}
+            history.append(rec)
+            log.info("[%s] step %d  loss %.4f  %.1f groups/s", name, step, rec["loss"], rec["groups_per_s"])
+            t0, losses = time.perf_counter(), []
+        if p.get("save_every") and step % int(p["save_every"]) == 0 and step < total:
+            atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "step": step, "history": history}, state_path)
+    bar.close()
+    model.eval()
+    return history
+
+
+def candidate_pool(ctx: Context, split: str, positives: dict[str, list[str]], p: dict) -> tuple[dict, str]:
+    from pipelines.mine import NEGATIVES_FILE, read_negatives
+    from pipelines.retriever1 import bm25_pool
+
+    if "mine" in ctx.upstream:
+        path = ctx.upstream["mine"] / NEGATIVES_FILE
+        return read_negatives(path), str(path)
+    if "bm25" in ctx.upstream:
+        return bm25_pool(ctx, split, positives, p.get("neg_window") or (1, 100), "rerank"), "bm25 train run"
+    raise ConfigError(
+        f"stage rerank trains on hard negatives from a mine or bm25 stage, but model '{ctx.cfg.model.name}' "
+        f"has neither before rerank in its chain. Fix: add bm25 (or mine) to model.chain."
+    )
+
+
+def run(ctx: Context) -> dict[str, float]:
+    from pipelines.data import load_dataset
+    from pipelines.retriever1 import train_split_of
+    from retrievers.encoder import resolve_device
+    from retrievers.training import plot_loss
+
+    p = OmegaConf.to_container(ctx.cfg.pipeline.rerank, resolve=True)
+    if "teacher" not in ctx.cfg.model or ctx.cfg.model.teacher is None:
+        raise ConfigError(f"stage rerank needs model.teacher (a _target_ builder); model '{ctx.cfg.model.name}' has none")
+    data = OmegaConf.to_container(ctx.cfg.data, resolve=True)
+    torch.set_num_threads(int(ctx.runtime.threads))
+    device = resolve_device(str(ctx.runtime.device))
+    split = train_split_of(data)
+    ds = load_dataset(data, [split])
+    positives = {q: [d for d, r in docs.items() if r > 0] for q, docs in ds.qrels[split].items()}
+    positives = {q: v for q, v in positives.items() if v and q in ds.queries}
+    title_sep = " "
+    doc_text = {d: (f"{x.get('title', '')}{title_sep}{x.get('text', '')}".strip()) for d, x in ds.corpus.items()}
+    pool, source = candidate_pool(ctx, split, positives, p)
+    model = load_teacher(ctx.cfg.model.teacher).to(device)
+    examples = [(q, d) for q, ds_ in positives.items() for d in ds_ if d in doc_text]
+    torch.manual_seed(int(ctx.cfg.seed))
+    progress = bool(ctx.runtime.get("progress", True))
+    t0 = time.perf_counter()
+    history: list[dict] = []
+    if p.get("train", True):
+        log.info("[rerank] training %s on %d groups (1 positive + %d negatives from %s)",
+                 type(model).__name__, len(examples), int(p.get("n_negatives", 7)), source)
+        history = train_reranker(model, examples, pool, ds.queries, doc_text, p, int(ctx.cfg.seed), ctx.work,
+                                 progress=progress)
+    train_s = time.perf_counter() - t0
+    model.to("cpu").save(ctx.out / "checkpoint")
+    model.to(device)
+    (ctx.out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    if history:
+        plot_loss(history, ctx.out / "loss.png", title=f"rerank ({type(model).__name__}) on {data['name']}")
+
+    depth = int(p.get("score_depth", 30))
+    pairs, keys = [], []
+    for q in sorted(positives):
+        for d in list(dict.fromkeys(positives[q] + list(pool.get(q, ()))[:depth])):
+            if d in doc_text:
+                pairs.append((ds.queries[q], doc_text[d]))
+                keys.append((q, d))
+    t1 = time.perf_counter()
+    scores = score_pairs_batched(model, pairs, int(p.get("score_batch_size", 64)), progress=progress)
+    by_q: dict[str, dict[str, float]] = {}
+    for (q, d), s in zip(keys, scores):
+        by_q.setdefault(q, {})[d] = round(float(s), 5)
+    tmp = ctx.out / "teacher_scores.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for q in sorted(by_q):
+            fh.write(json.dumps({"qid": q, "scores": by_q[q]}) + "\n")
+    os.replace(tmp, ctx.out / "teacher_scores.jsonl")
+    # how often does the teacher put a positive above every scored candidate?
+    top_pos = np.mean([max(v, key=v.get) in set(positives[q]) for q, v in by_q.items()]) if by_q else 0.0
+    metrics = {"train_seconds": round(train_s, 2), "score_seconds": round(time.perf_counter() - t1, 2),
+               "pairs_scored": float(len(pairs)), "train_top1_is_positive": round(float(top_pos), 4)}
+    if history:
+        metrics["final_loss"] = history[-1]["loss"]
+        metrics["steps"] = float(history[-1]["step"])
+    return metrics
+
+
+STAGE = Stage(name="rerank", version="1", reads=("data", "model", "pipeline.rerank", "seed"), run=run)

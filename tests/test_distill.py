@@ -1,0 +1,200 @@
+"""ColBERT late interaction, the cross-encoder reranker and the distillation losses (tiny models)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_DOCS, TINY_QUERIES, make_tiny_bert
+from retrievers.colbert import ColBERT, ColbertIndex, build, group_ce_loss, maxsim_all, maxsim_pairs
+from retrievers.losses import group_scores, kl_teacher_student, margin_mse, simlm_loss, tct_inbatch_kd
+
+DOCS = [f"{t}. {x}" for _, t, x in TINY_DOCS]
+QUERIES = [q for _, q in TINY_QUERIES]
+
+
+@pytest.fixture
+def colbert(tmp_path) -> ColBERT:
+    ckpt = make_tiny_bert(tmp_path / "bert", DOCS + QUERIES, punctuation=True)
+    return build(str(ckpt), dim=8, query_max_len=12, doc_max_len=24)
+
+
+# --------------------------------------------------------------------------- MaxSim
+
+
+def test_maxsim_equals_hand_computation():
+    q = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # 1 query, 2 tokens
+    d = torch.tensor([[[0.6, 0.8], [1.0, 0.0], [0.0, -1.0]], [[0.0, 1.0], [9.0, 9.0], [0.0, 0.0]]])
+    m = torch.tensor([[True, True, True], [True, False, False]])  # doc 2: only its first token is real
+    # doc 1: token 1 best match = max(0.6, 1, 0) = 1; token 2 = max(0.8, 0, -1) = 0.8 -> 1.8
+    # doc 2: only [0, 1]: token 1 -> 0, token 2 -> 1 -> 1.0 (the masked [9, 9] must not count)
+    assert maxsim_all(q, d, m).tolist() == [[pytest.approx(1.8), pytest.approx(1.0)]]
+    assert maxsim_pairs(q.expand(2, -1, -1), d, m).tolist() == [pytest.approx(1.8), pytest.approx(1.0)]
+
+
+def test_colbert_query_augmentation_markers_and_punctuation(colbert):
+    tq = colbert.tokenize_queries(["waggle dance"])
+    ids = tq["input_ids"][0].tolist()
+    assert len(ids) == 12 and ids[1] == colbert.q_id
+    assert ids[-1] == colbert.tokenizer.mask_token_id and ids.count(colbert.tokenizer.mask_token_id) >= 6
+    q = colbert.query(["waggle dance"])
+    assert q.shape == (1, 12, 8)
+    assert torch.allclose(q.norm(dim=-1), torch.ones(1, 12), atol=1e-5)  # every position, [MASK]s too
+    td = colbert.tokenize_docs(["Bees, honeybees!"])
+    assert td["input_ids"][0, 1].item() == colbert.d_id
+    d, keep = colbert.doc(["Bees, honeybees!"])
+    toks = colbert.tokenizer.convert_ids_to_tokens(td["input_ids"][0])
+    dropped = [t for t, k in zip(toks, keep[0].tolist()) if not k]
+    assert "," in dropped and "!" in dropped and "bees" not in dropped
+    assert torch.all(d[0][~keep[0]] == 0)
+
+
+def test_colbert_scores_agree_and_save_load(colbert, tmp_path):
+    with torch.no_grad():
+        all_ = colbert.score_all(QUERIES[:2], DOCS[:3])
+        pairs = colbert.score_pairs([QUERIES[0]] * 3, DOCS[:3])
+    np.testing.assert_allclose(all_[0].numpy(), pairs.numpy(), rtol=1e-5)
+    colbert.save(tmp_path / "ck")
+    again = ColBERT.load(tmp_path / "ck")
+    with torch.no_grad():
+        np.testing.assert_allclose(again.score_all(QUERIES[:2], DOCS[:3]).numpy(), all_.numpy(), rtol=1e-5)
+
+
+def test_colbert_end_to_end_index_equals_exhaustive_maxsim(colbert):
+    idx = ColbertIndex(colbert, batch_size=5)
+    ids = [d for d, _, _ in TINY_DOCS]
+    idx.add(ids, DOCS)
+    run = idx.search({"q1": QUERIES[0]}, k=5, candidates_per_token=100)  # every token: exhaustive
+    with torch.no_grad():
+        full = colbert.score_all([QUERIES[0]], DOCS)[0].numpy()
+    want = [ids[i] for i in np.argsort(-full)[:5]]
+    assert list(run["q1"]) == want
+
+
+def test_group_ce_trains_colbert(colbert):
+    opt = torch.optim.AdamW(colbert.parameters(), lr=5e-3)
+    qs, pos, neg = QUERIES[:4], [DOCS[5], DOCS[1], DOCS[2], DOCS[8]], [DOCS[0], DOCS[3], DOCS[4], DOCS[6]]
+    losses = []
+    for _ in range(15):
+        s = torch.stack([colbert.score_pairs(qs, pos), colbert.score_pairs(qs, neg)], dim=1)
+        loss = group_ce_loss(s)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.5
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def test_kl_is_zero_when_distributions_match_and_positive_otherwise():
+    s = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.0, -1.0]])
+    assert kl_teacher_student(s, s.clone()).item() == pytest.approx(0.0, abs=1e-7)
+    assert kl_teacher_student(s, s + 5.0).item() == pytest.approx(0.0, abs=1e-6)  # softmax is shift-invariant
+    t = torch.tensor([[3.0, 2.0, 1.0], [0.5, 0.0, -1.0]])
+    p = torch.softmax(t[0], 0)
+    want = float((p * (torch.log_softmax(t[0], 0) - torch.log_softmax(s[0], 0))).sum()) / 2
+    assert kl_teacher_student(s, t).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_simlm_loss_is_kl_plus_alpha_ce():
+    torch.manual_seed(0)
+    n, g = 3, 4
+    scores = torch.randn(n, n * g)
+    own = group_scores(scores, g)
+    assert torch.equal(own[1], scores[1, 4:8])
+    loss = simlm_loss(scores, own.clone(), g, alpha=0.2)
+    ce = torch.nn.functional.cross_entropy(scores, torch.arange(n) * g)
+    assert loss.item() == pytest.approx(0.2 * ce.item(), rel=1e-5)  # teacher = student: only the CE term
+
+
+def test_tct_inbatch_kd_covers_all_n_by_n_pairs():
+    n = 4
+    student = torch.zeros(n, n, requires_grad=True)
+    teacher = torch.randn(n, n)
+    loss = tct_inbatch_kd(student, teacher)
+    loss.backward()
+    # every one of the N x N pairs gets a gradient (in-batch negatives are distilled, not only the diagonal)
+    assert (student.grad.abs() > 0).sum().item() == n * n
+    want = float(np.mean([
+        (torch.softmax(teacher[i], 0) * (torch.log_softmax(teacher[i], 0) - math.log(1 / n))).sum() for i in range(n)
+    ]))
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="teacher scores"):
+        tct_inbatch_kd(torch.zeros(n, n), torch.zeros(n, n - 1))
+
+
+def test_margin_mse():
+    s = torch.tensor([[2.0, 1.0, 0.0]])
+    t = torch.tensor([[5.0, 4.0, 1.0]])  # margins: student 1, 2 ; teacher 1, 4
+    assert margin_mse(s, t).item() == pytest.approx((0 + 4) / 2)
+
+
+# --------------------------------------------------------------------------- cross-encoder
+
+
+def test_cross_encoder_scores_pairs_trains_and_saves(tmp_path):
+    from retrievers.cross_encoder import CrossEncoder
+    from retrievers.cross_encoder import build as build_ce
+
+    ckpt = make_tiny_bert(tmp_path / "bert", DOCS + QUERIES)
+    ce = build_ce(str(ckpt), max_len=48)
+    opt = torch.optim.AdamW(ce.parameters(), lr=5e-3)
+    qs, pos, neg = QUERIES[:4], [DOCS[5], DOCS[1], DOCS[2], DOCS[8]], [DOCS[0], DOCS[3], DOCS[4], DOCS[6]]
+    first = None
+    for _ in range(15):
+        s = torch.stack([ce.score_pairs(qs, pos), ce.score_pairs(qs, neg)], dim=1)
+        loss = group_ce_loss(s)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first
+    ce.save(tmp_path / "ce")
+    assert (tmp_path / "ce" / "config.json").exists()
+    again = CrossEncoder.load(tmp_path / "ce")
+    with torch.no_grad():
+        np.testing.assert_allclose(again.score_pairs(qs, pos).numpy(), ce.score_pairs(qs, pos).numpy(), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- the rerank stage
+
+
+@pytest.mark.parametrize("teacher", ["cross_encoder", "colbert"])
+def test_rerank_stage_trains_teacher_writes_scores_and_eval_reranks(tmp_path, teacher):
+    import json
+    from pathlib import Path
+
+    from conftest import compose, make_tiny_beir
+    from pipelines.runner import run_pipeline
+
+    root = make_tiny_beir(tmp_path / "data" / "tiny")
+    ckpt = make_tiny_bert(tmp_path / "bert", DOCS + QUERIES, punctuation=True)
+    extra = ["+model.teacher.dim=8", "+model.teacher.query_max_len=12", "+model.teacher.doc_max_len=32"] \
+        if teacher == "colbert" else ["+model.teacher.max_len=48"]
+    cfg = compose([
+        "model=bm25", "data=beir", "data.name=tiny", "data.train_split=test", "debug=tiny",
+        "model.chain=[bm25,rerank,eval]", f"+model.teacher._target_=retrievers.{teacher}.build",
+        f"+model.teacher.checkpoint={ckpt}", *extra,
+        "pipeline.rerank.max_steps=3", "pipeline.rerank.batch_size=2", "pipeline.rerank.n_negatives=2",
+        "pipeline.rerank.lr=1e-3", "pipeline.rerank.log_every=1", "pipeline.rerank.neg_window=[1,10]",
+        "pipeline.eval.rerank_depth=5", "+runtime.progress=false",
+    ], tmp_path)
+    summary = run_pipeline(cfg, tmp_path / "run")
+    st = summary["stages"]
+    out = Path(st["rerank"]["dir"])
+    lines = [json.loads(x) for x in (out / "teacher_scores.jsonl").read_text().splitlines()]
+    test_qrels = {"q1": "d6", "q2": "d2", "q3": "d3", "q4": "d9"}
+    assert {x["qid"] for x in lines} == set(test_qrels)
+    assert all(test_qrels[x["qid"]] in x["scores"] for x in lines)  # positives + BM25 candidates
+    assert st["rerank"]["metrics"]["pairs_scored"] == sum(len(x["scores"]) for x in lines)
+    assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    m = st["eval"]["metrics"]
+    assert "rerank/test/ndcg@10" in m and 0 <= m["rerank/test/ndcg@10"] <= 1
+    rr = (Path(st["eval"]["dir"]) / "runs" / "test.rerank.trec").read_text().splitlines()
+    assert max(int(x.split()[3]) for x in rr) <= 5  # only the top 5 were re-scored
+    assert "rerank@5" in (Path(st["eval"]["dir"]) / "report.md").read_text()
