@@ -28,7 +28,7 @@ from pipelines.evaluation import (
     save_json,
     write_trec,
 )
-from pipelines.executor import Context, Stage
+from pipelines.executor import ConfigError, Context, Stage
 
 log = logging.getLogger("drlab")
 
@@ -96,6 +96,26 @@ def run(ctx: Context) -> dict[str, float]:
             int(p.get("rerank_batch_size", 64)), progress=bool(ctx.runtime.get("progress", True)),
         )
         del teacher, doc_text
+    e2e_name = None
+    if p.get("colbert_e2e") and "rerank" in ctx.upstream:
+        from pipelines.rerank import load_teacher
+        from retrievers.colbert import ColbertIndex
+        from retrievers.encoder import resolve_device
+
+        teacher = load_teacher(ctx.cfg.model.teacher, ctx.upstream["rerank"] / "checkpoint")
+        if not hasattr(teacher, "score_all"):
+            raise ConfigError("pipeline.eval.colbert_e2e=true needs a ColBERT teacher (model.teacher)")
+        teacher.to(resolve_device(str(ctx.runtime.device)))
+        corpus = load_dataset(data, [split]).corpus
+        ids = list(corpus)
+        cidx = ColbertIndex(teacher, batch_size=int(p.get("rerank_batch_size", 64)))
+        cidx.add(ids, [f"{corpus[d].get('title', '')} {corpus[d].get('text', '')}".strip() for d in ids],
+                 progress=bool(ctx.runtime.get("progress", True)))
+        del corpus
+        e2e_name = "colbert (end to end)"
+        systems[e2e_name] = cidx.search(ds.split_queries(split), k=int(p.depth),
+                                        candidates_per_token=int(p.get("colbert_candidates", 64)))
+        del cidx, teacher
 
     (ctx.out / "runs").mkdir()
     rows: dict[str, dict[str, float]] = {}
@@ -123,6 +143,8 @@ def run(ctx: Context) -> dict[str, float]:
                     per_query_main = per_query
             elif name == reranked_name:
                 out.update({f"rerank/{subset}/{m}": v for m, v in means.items()})
+            elif name == e2e_name:
+                out.update({f"colbert_e2e/{subset}/{m}": v for m, v in means.items()})
         curves[name] = recall_curve(qrels, r)
     write_trec(systems[main_name], ctx.out / "runs" / f"{split}.trec", tag=main_name.split()[0])
     if reranked_name:

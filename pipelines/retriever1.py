@@ -111,12 +111,13 @@ def run(ctx: Context) -> dict[str, float]:
     return train_stage(ctx, "retriever1", p, negatives)
 
 
-def train_stage(ctx: Context, name: str, p: dict, negatives) -> dict[str, float]:
+def train_stage(ctx: Context, name: str, p: dict, negatives, loss_fn=None) -> dict[str, float]:
     """Shared body of the bi-encoder training stages (retriever1, retriever2).
 
     ``negatives(split, positives, doc_text, encoder, ds, index_doc_len) -> (ContrastiveData,
     refresher or None, stats)`` decides where hard negatives come from (``index_doc_len``:
     the encoder's indexing length; its ``cfg`` holds the training length meanwhile).
+    ``loss_fn(scores, batch)``: None for InfoNCE, else e.g. a distillation loss.
     """
     data = OmegaConf.to_container(ctx.cfg.data, resolve=True)
     torch.set_num_threads(int(ctx.runtime.threads))
@@ -180,7 +181,7 @@ def train_stage(ctx: Context, name: str, p: dict, negatives) -> dict[str, float]
     progress = bool(ctx.runtime.get("progress", True))  # +runtime.progress=false: no bar (not hashed)
     args = TrainArgs.from_dict({**p, "seed": int(ctx.cfg.seed), "progress": progress})
     trainer = Trainer(encoder, train_data, args, ctx.work, device=device, evaluator=evaluator, name=name,
-                      refresher=refresher)
+                      refresher=refresher, loss_fn=loss_fn)
     result = trainer.train()
 
     metrics: dict[str, float] = {

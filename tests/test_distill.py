@@ -198,3 +198,60 @@ def test_rerank_stage_trains_teacher_writes_scores_and_eval_reranks(tmp_path, te
     rr = (Path(st["eval"]["dir"]) / "runs" / "test.rerank.trec").read_text().splitlines()
     assert max(int(x.split()[3]) for x in rr) <= 5  # only the top 5 were re-scored
     assert "rerank@5" in (Path(st["eval"]["dir"]) / "report.md").read_text()
+
+
+# --------------------------------------------------------------------------- distill + families
+
+
+def _family_overrides(tmp_path, family: str, *extra: str) -> list[str]:
+    ckpt = make_tiny_bert(tmp_path / "bert", DOCS + QUERIES, punctuation=True)
+    small = ["pipeline.retriever1.max_steps=2", "pipeline.retriever1.batch_size=2", "pipeline.retriever1.neg_window=[1,10]",
+             "pipeline.retriever2.max_steps=2", "pipeline.retriever2.batch_size=2", "pipeline.mine.window=[1,8]",
+             "pipeline.mine.depth=10", "pipeline.mine.n_per_query=4", "pipeline.rerank.max_steps=2",
+             "pipeline.rerank.batch_size=2", "pipeline.rerank.n_negatives=2", "pipeline.rerank.neg_window=[1,10]",
+             "pipeline.distill.max_steps=3", "pipeline.distill.batch_size=2", "pipeline.distill.log_every=1",
+             "pipeline.distill.lr=1e-3", "pipeline.eval.rerank_depth=4"]
+    if family == "tct_colbert":
+        small += ["model.teacher.dim=8", "model.teacher.query_max_len=12", "model.teacher.doc_max_len=32"]
+    else:
+        small += ["model.teacher.max_len=48"]
+    return [f"model={family}", "data=beir", "data.name=tiny", "data.train_split=test", "debug=tiny",
+            f"model.checkpoint={ckpt}", "model.encoder.query_max_len=16", "model.encoder.doc_max_len=32",
+            "+runtime.progress=false", *small, *extra]
+
+
+@pytest.mark.parametrize("family,extra", [
+    ("simlm", ["pipeline.distill.n_negatives=2"]),
+    ("simlm", ["pipeline.distill.n_negatives=2", "pipeline.distill.loss=margin_mse", "model.chain=[bm25,mine,rerank,distill,index,eval]", "pipeline.mine.source=dense"]),
+    ("tct_colbert", ["pipeline.distill.loss=tct", "pipeline.distill.n_negatives=0"]),
+    ("tct_colbert", ["pipeline.distill.loss=tct", "pipeline.distill.n_negatives=1", "pipeline.distill.neg_window=[1,10]"]),
+])
+def test_family_chains_distil_end_to_end(tmp_path, family, extra):
+    import json
+    from pathlib import Path
+
+    from conftest import compose, make_tiny_beir
+    from pipelines.runner import run_pipeline
+
+    make_tiny_beir(tmp_path / "data" / "tiny")
+    cfg = compose(_family_overrides(tmp_path, family, *extra), tmp_path)
+    summary = run_pipeline(cfg, tmp_path / "run")
+    st = summary["stages"]
+    assert st["distill"]["metrics"]["steps"] == 3
+    d = Path(st["distill"]["dir"])
+    rows = [json.loads(x) for x in (d / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
+    enc = json.loads((Path(st["index"]["dir"]) / "encoder.json").read_text())
+    assert "distill" in enc["checkpoint"]  # the index holds the student's vectors
+    assert "rerank/test/ndcg@10" in st["eval"]["metrics"]
+
+
+def test_distill_without_rerank_says_how_to_fix(tmp_path):
+    from conftest import compose, make_tiny_beir
+    from pipelines.executor import ConfigError
+    from pipelines.runner import run_pipeline
+
+    make_tiny_beir(tmp_path / "data" / "tiny")
+    cfg = compose(_family_overrides(tmp_path, "tct_colbert", "model.chain=[bm25,distill,index,eval]"), tmp_path)
+    with pytest.raises(ConfigError, match="no rerank stage"):
+        run_pipeline(cfg, tmp_path / "run")
