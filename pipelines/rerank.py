@@ -9,7 +9,10 @@ Training (``pipeline.rerank``): one group per (train query, positive) -- the pos
 and trained with softmax cross-entropy over the group (*localized contrastive estimation*,
 Gao et al. 2021; ColBERT's pairwise softmax when ``n_negatives`` is 1). The pool is the
 upstream ``mine`` stage's ``negatives.jsonl`` when the chain has one, else ranks
-``neg_window`` of the upstream bm25 train run. AdamW, linear warm-up/decay, gradient
+``neg_window`` of the upstream bm25 train run; with ``remine`` (``auto``: when a
+``retriever2`` is upstream, as in SimLM, whose re-ranker learns from Retriever2's
+negatives) the train queries are mined again with the newest upstream checkpoint and
+``pipeline.mine``'s settings (:class:`pipelines.mine.DenseMiner`). AdamW, linear warm-up/decay, gradient
 clipping; a resumable state is written to the work dir every ``save_every`` steps.
 
 Scoring: every train query's positives and its first ``score_depth`` pool candidates are
@@ -157,10 +160,25 @@ def train_reranker(model, examples: list[tuple[str, str]], pool: dict[str, list[
     return history
 
 
-def candidate_pool(ctx: Context, split: str, positives: dict[str, list[str]], p: dict) -> tuple[dict, str]:
-    from pipelines.mine import NEGATIVES_FILE, read_negatives
+def candidate_pool(ctx: Context, split: str, positives: dict[str, list[str]], p: dict, ds=None) -> tuple[dict, str]:
+    from pipelines.mine import NEGATIVES_FILE, miner_from_config, read_negatives
     from pipelines.retriever1 import bm25_pool
+    from retrievers.encoder import instantiate_encoder, latest_checkpoint
 
+    remine = p.get("remine", "auto")
+    if remine == "auto":
+        remine = "retriever2" in ctx.upstream
+    if remine:
+        # SimLM: the re-ranker trains on the negatives of the newest retriever (Retriever2), mined
+        # here with the mine stage's settings and code
+        ckpt = latest_checkpoint(ctx.upstream)
+        encoder = instantiate_encoder(ctx.cfg.model.encoder, checkpoint=ckpt)
+        pm = OmegaConf.to_container(ctx.cfg.pipeline.mine, resolve=True)
+        miner = miner_from_config(ds, split, encoder, pm, int(ctx.cfg.seed), ctx.runtime)
+        log.info("[rerank] mining the train queries with %s for the teacher's negatives", ckpt)
+        _, negs, _ = miner(encoder, ctx.work / "remine")
+        del encoder
+        return {q: [c["id"] for c in v] for q, v in negs.items()}, f"re-mined with {ckpt}"
     if "mine" in ctx.upstream:
         path = ctx.upstream["mine"] / NEGATIVES_FILE
         return read_negatives(path), str(path)
@@ -190,7 +208,7 @@ def run(ctx: Context) -> dict[str, float]:
     positives = {q: v for q, v in positives.items() if v and q in ds.queries}
     title_sep = " "
     doc_text = {d: (f"{x.get('title', '')}{title_sep}{x.get('text', '')}".strip()) for d, x in ds.corpus.items()}
-    pool, source = candidate_pool(ctx, split, positives, p)
+    pool, source = candidate_pool(ctx, split, positives, p, ds)
     model = load_teacher(ctx.cfg.model.teacher).to(device)
     examples = [(q, d) for q, ds_ in positives.items() for d in ds_ if d in doc_text]
     torch.manual_seed(int(ctx.cfg.seed))
@@ -236,4 +254,4 @@ def run(ctx: Context) -> dict[str, float]:
     return metrics
 
 
-STAGE = Stage(name="rerank", version="1", reads=("data", "model", "pipeline.rerank", "seed"), run=run)
+STAGE = Stage(name="rerank", version="1", reads=("data", "model", "pipeline.rerank", "pipeline.mine", "seed"), run=run)
