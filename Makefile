@@ -10,7 +10,7 @@ export DRLAB_DATA_DIR
 DATA ?= scifact
 CHECKPOINT ?= sentence-transformers/all-MiniLM-L6-v2
 
-.PHONY: help setup run test test-data bench table-bm25 table-dpr table-ance clean-cache
+.PHONY: help setup run test test-data bench table-bm25 table-dpr table-ance table-pretrain clean-cache
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -60,6 +60,24 @@ table-ance: setup ## BM25, retriever1, retriever2 on mined negatives, ANCE refre
 	  $(PY) run.py model=ance data=$$d $$S name=ance-r1-$$d pipeline.mine.enabled=false pipeline.retriever2.enabled=false && \
 	  $(PY) scripts/compare.py bm25-$$d ance-r1-$$d ance-norefresh-$$d ance-$$d --out outputs/tables/ance-$$d.md \
 	  || exit 1; done
+
+# "Does pre-training help" on SciFact: a small random BERT (MiniLM vocabulary) pre-trained on the
+# SciFact + NFCorpus text by each method, then the same retriever1 fine-tuning; MiniLM continued
+# with SimLM / RetroMAE on SciFact; Contriever zero-shot.
+SMALL := 'model.pretrain.init_config={num_hidden_layers:4,hidden_size:256,num_attention_heads:4,intermediate_size:1024}'
+PT := pipeline.pretrain.extra_corpora=[nfcorpus]
+FT := 'model.chain=[bm25,pretrain,retriever1,index,eval]'
+table-pretrain: setup ## pre-training methods x the same fine-tuning budget on SciFact
+	$(PY) run.py model=ict data=scifact $(FT) $(SMALL) $(PT) model.pretrain._target_=retrievers.pretraining.no_pretraining name=pt-none-scifact
+	$(PY) run.py model=contriever data=scifact $(FT) $(SMALL) $(PT) name=pt-contriever-scifact
+	$(PY) run.py model=simlm data=scifact $(FT) $(SMALL) $(PT) name=pt-simlm-scifact
+	$(PY) run.py model=retromae data=scifact $(FT) $(SMALL) $(PT) name=pt-retromae-scifact
+	$(PY) run.py model=ict data=scifact $(FT) $(SMALL) $(PT) name=pt-ict-scifact
+	$(PY) run.py model=simlm data=scifact $(FT) name=pt-minilm-simlm-scifact
+	$(PY) run.py model=retromae data=scifact $(FT) name=pt-minilm-retromae-scifact
+	$(PY) run.py model=contriever data=scifact $(SMALL) $(PT) name=pt-contriever-zeroshot-scifact
+	$(PY) scripts/compare.py pt-none-scifact pt-contriever-scifact pt-simlm-scifact pt-retromae-scifact pt-ict-scifact \
+	  pt-minilm-simlm-scifact pt-minilm-retromae-scifact pt-contriever-zeroshot-scifact --out outputs/tables/pretrain-scifact.md
 
 clean-cache: ## delete outputs/cache (every stage recomputes)
 	rm -rf outputs/cache outputs/locks

@@ -102,6 +102,7 @@ def train_reranker(model, examples: list[tuple[str, str]], pool: dict[str, list[
     opt = torch.optim.AdamW([x for x in model.parameters() if x.requires_grad], lr=float(p.get("lr", 2e-5)),
                             weight_decay=float(p.get("weight_decay", 0.01)))
     sched = get_linear_schedule_with_warmup(opt, round(float(p.get("warmup_ratio", 0.1)) * total), total)
+    Path(work).mkdir(parents=True, exist_ok=True)
     step, history = 0, []
     state_path = work / STATE
     if state_path.exists():

@@ -1,0 +1,268 @@
+"""Pre-training methods (SimLM, RetroMAE, Contriever + MoCo, ICT) and the pretrain stage, on tiny BERTs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_DOCS, TINY_QUERIES, compose, make_tiny_beir, make_tiny_bert
+
+TEXTS = [f"{t}. {x} {x}" for _, t, x in TINY_DOCS]
+
+
+@pytest.fixture
+def ckpt(tmp_path) -> Path:
+    return make_tiny_bert(tmp_path / "bert", TEXTS + [q for _, q in TINY_QUERIES], punctuation=True)
+
+
+def _batch(method, n=4):
+    b = method.tokenizer(TEXTS[:n], padding=True, return_tensors="pt")
+    return b["input_ids"], b["attention_mask"]
+
+
+# --------------------------------------------------------------------------- SimLM
+
+
+def test_simlm_decoder_sees_the_encoder_only_through_cls(ckpt):
+    from retrievers.simlm import SimLMPretrainer
+
+    m = SimLMPretrainer(str(ckpt), generator="random", seed=0).eval()
+    ids, attn = _batch(m)
+    torch.manual_seed(0)
+    h = torch.randn(ids.shape[0], ids.shape[1], m.mlm.config.hidden_size)
+    _, dec_ids, _, _, _ = m.corrupt(ids, attn)
+    base = m.decoder_loss(h, dec_ids, attn, ids)
+    h2 = h.clone()
+    h2[:, 1:] = torch.randn_like(h2[:, 1:]) * 10  # every non-[CLS] encoder output changed
+    assert torch.equal(m.decoder_loss(h2, dec_ids, attn, ids), base)
+    h3 = h.clone()
+    h3[:, 0] += 1.0  # the [CLS] vector changed
+    assert not torch.equal(m.decoder_loss(h3, dec_ids, attn, ids), base)
+
+
+def test_simlm_encoder_replacements_are_replaced_for_the_decoder_too(ckpt):
+    from retrievers.pretraining import special_mask
+    from retrievers.simlm import SimLMPretrainer
+
+    m = SimLMPretrainer(str(ckpt), generator="random", enc_rate=0.3, dec_rate=0.5, seed=0)
+    ids, attn = _batch(m, 12)
+    ids, attn = ids.repeat(8, 1), attn.repeat(8, 1)
+    torch.manual_seed(1)
+    enc_ids, dec_ids, enc_m, dec_m, gen_loss = m.corrupt(ids, attn)
+    assert gen_loss is None  # random generator: frozen, no loss
+    assert bool((enc_m <= dec_m).all())  # encoder positions are a subset of the decoder's
+    assert torch.equal(enc_ids[enc_m], dec_ids[enc_m])  # ... with the same sampled replacement
+    assert torch.equal(enc_ids[~enc_m], ids[~enc_m]) and torch.equal(dec_ids[~dec_m], ids[~dec_m])
+    cand = ~special_mask(m.tokenizer, ids) & attn.bool()
+    assert not (enc_m & ~cand).any()  # [CLS] / [SEP] / padding never masked
+    assert 0.2 < enc_m.sum() / cand.sum() < 0.4 and 0.4 < dec_m.sum() / cand.sum() < 0.6
+
+
+def test_simlm_joint_generator_trains_and_loss_parts(ckpt):
+    from retrievers.simlm import SimLMPretrainer
+
+    m = SimLMPretrainer(str(ckpt), generator="joint", seed=0)
+    loss, logs = m.loss(TEXTS[:4])
+    assert {"enc", "dec", "gen"} <= set(logs) and logs["tokens"] > 0
+    loss.backward()
+    assert any(p.grad is not None for p in m.generator.parameters())
+    assert all(p.grad is not None for p in m.decoder.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------- RetroMAE
+
+
+def test_retromae_enhanced_decoding_mask(ckpt):
+    from retrievers.retromae import RetroMAEPretrainer
+
+    m = RetroMAEPretrainer(str(ckpt), seed=0)
+    attn = torch.tensor([[1, 1, 1, 1, 1, 0, 0]])
+    blocked = m.visibility(attn)[0]
+    n = attn.shape[1]
+    for i in range(1, n):
+        assert blocked[i, i]  # never itself
+        assert not blocked[i, 0]  # always the sentence embedding
+        assert blocked[i, 5] and blocked[i, 6]  # never padding
+    loss, logs = m.loss(TEXTS[:3])
+    loss.backward()
+    assert logs["enc"] > 0 and logs["dec"] > 0
+
+
+# --------------------------------------------------------------------------- Contriever
+
+
+def test_moco_queue_is_fifo_and_momentum_encoder_gets_no_gradient(ckpt):
+    from retrievers.contriever import ContrieverPretrainer
+
+    m = ContrieverPretrainer(str(ckpt), moco=True, queue_size=5, momentum=0.9, seed=0)
+    eye = torch.eye(m.queue.shape[1])
+    a, b = eye[:3], eye[3:6]
+    m.enqueue(a)
+    assert int(m.queue_ptr) == 3 and int(m.queue_filled) == 3
+    m.enqueue(b)
+    # slots 3, 4 take b0, b1; b2 overwrites the oldest entry (a0) in slot 0
+    assert torch.equal(m.queue[0], b[2]) and torch.equal(m.queue[1:3], a[1:3]) and torch.equal(m.queue[3:5], b[:2])
+    assert int(m.queue_ptr) == 1 and int(m.queue_filled) == 5
+
+    before = {n: p.detach().clone() for n, p in m.key_encoder.named_parameters()}
+    loss, logs = m.loss(TEXTS[:4])
+    assert logs["queue"] == 5
+    loss.backward()
+    assert all(p.grad is None for p in m.key_encoder.parameters())
+    assert any(p.grad is not None for p in m.encoder.parameters())
+    with torch.no_grad():
+        for p in m.encoder.parameters():
+            p.add_(0.5)  # pretend an optimizer step
+    m.after_step()
+    q = dict(m.encoder.named_parameters())
+    for n, p in m.key_encoder.named_parameters():
+        torch.testing.assert_close(p, 0.9 * before[n] + 0.1 * q[n])
+    assert int(m.queue_ptr) == (1 + 4) % 5  # this step's 4 keys were enqueued
+
+
+def test_contriever_views_are_independent_crops(ckpt):
+    from retrievers.contriever import ContrieverPretrainer
+
+    m = ContrieverPretrainer(str(ckpt), moco=False, crop_min=0.1, crop_max=0.5, delete_p=0.1, seed=0)
+    text = " ".join(TEXTS)
+    n_tok = len(m.tokenizer(text, add_special_tokens=False)["input_ids"])
+    a, b = m.views([text] * 6)
+    la, lb = a["attention_mask"].sum(1) - 2, b["attention_mask"].sum(1) - 2
+    assert (la <= 0.5 * n_tok + 1).all() and (la >= 1).all()
+    assert not torch.equal(a["input_ids"][:, :5], b["input_ids"][:, :5])  # independent crops
+    loss, logs = m.loss(TEXTS[:4])
+    assert "inbatch" in logs and loss.item() > 0
+
+
+# --------------------------------------------------------------------------- ICT
+
+
+def test_ict_pairs_remove_the_sentence():
+    import numpy as np
+
+    from retrievers.ict import ict_pair, split_sentences
+
+    text = "Bees dance to share directions. The waggle dance encodes distance. Hives are warm."
+    assert len(split_sentences(text)) == 3
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        q, d = ict_pair(text, rng, remove_p=1.0)
+        assert q in split_sentences(text) and q not in d
+        q, d = ict_pair(text, rng, remove_p=0.0)
+        assert q in d
+
+
+def test_ict_bfs_without_metadata_says_what_is_missing(ckpt):
+    from retrievers.ict import ICTPretrainer
+
+    m = ICTPretrainer(str(ckpt), tasks=("ict", "bfs"))
+    with pytest.raises(ValueError, match=r"metadata fields \['article', 'section'\]"):
+        m.set_corpus([{"title": "t", "text": "x"}])
+    m.set_corpus([{"title": "A", "text": "First. Second.", "metadata": {"article": "a", "section": 0}},
+                  {"title": "A", "text": "Third part here.", "metadata": {"article": "a", "section": 1}}])
+    loss, _ = m.loss(["A First. Second.", "A Third part here."])
+    assert loss.item() > 0
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _overrides(tmp_path, ckpt, family, *extra):
+    return [f"model={family}", "data=beir", "data.name=tiny", "debug=tiny", f"model.checkpoint={ckpt}",
+            "pipeline.pretrain.batch_size=4", "pipeline.pretrain.max_steps=4", "pipeline.pretrain.log_every=1",
+            "model.encoder.doc_max_len=32", "+runtime.progress=false", *extra]
+
+
+def test_contriever_zero_shot_chain_and_checkpoint(tmp_path, ckpt):
+    from pipelines.runner import run_pipeline
+
+    make_tiny_beir(tmp_path / "data" / "tiny")
+    cfg = compose(_overrides(tmp_path, ckpt, "contriever", "model.pretrain.queue_size=8", "stage=eval"), tmp_path)
+    summary = run_pipeline(cfg, tmp_path / "run")
+    st = summary["stages"]
+    assert list(st) == ["pretrain", "index", "eval"]
+    out = Path(st["pretrain"]["dir"])
+    assert (out / "backbone" / "config.json").exists() and (out / "checkpoint" / "drlab_encoder.json").exists()
+    rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["tokens_per_s"] > 0
+    assert "pretrain" in json.loads((Path(st["index"]["dir"]) / "encoder.json").read_text())["checkpoint"]
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(out / "backbone")  # a plain HF checkpoint
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_pretrain_resumes_exactly_after_a_kill(tmp_path, ckpt, caplog):
+    import pipelines.pretrain as pt
+    from retrievers.simlm import SimLMPretrainer
+
+    p = {"batch_size": 4, "max_steps": 6, "lr": 1e-3, "save_every": 2, "log_every": 1}
+
+    def fresh():
+        torch.manual_seed(0)
+        return SimLMPretrainer(str(ckpt), generator="joint", seed=0)
+
+    ref = fresh()
+    hist_ref, _, _ = pt.pretrain_loop(ref, TEXTS, p, 0, tmp_path / "ref", "cpu", progress=False)
+
+    killed = fresh()
+    orig = pt.atomic_torch_save if hasattr(pt, "atomic_torch_save") else None
+    import retrievers.training as tr
+
+    real_save = tr.atomic_torch_save
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        if obj["step"] == 4:
+            raise _Killed()
+
+    tr.atomic_torch_save = save_then_die
+    try:
+        with pytest.raises(_Killed):
+            pt.pretrain_loop(killed, TEXTS, p, 0, tmp_path / "work", "cpu", progress=False)
+    finally:
+        tr.atomic_torch_save = real_save
+    del orig
+    resumed = fresh()
+    with caplog.at_level(logging.INFO, logger="drlab"):
+        hist, steps, _ = pt.pretrain_loop(resumed, TEXTS, p, 0, tmp_path / "work", "cpu", progress=False)
+    assert "resuming pretrain from step 4" in caplog.text and steps == 6
+    assert [r["loss"] for r in hist] == [r["loss"] for r in hist_ref]
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_simlm_chain_includes_pretrain_and_it_can_be_switched_off(tmp_path, ckpt):
+    from pipelines import all_stages
+    from pipelines.executor import plan
+
+    make_tiny_beir(tmp_path / "data" / "tiny")
+    cfg = compose(_overrides(tmp_path, ckpt, "simlm", "data.train_split=test"), tmp_path)
+    items = {i.stage: i.status for i in plan(cfg, all_stages(), "all", [], tmp_path / "outputs" / "cache")}
+    assert list(items)[:3] == ["bm25", "pretrain", "retriever1"] and items["pretrain"] == "run"
+    off = compose(_overrides(tmp_path, ckpt, "simlm", "data.train_split=test", "pipeline.pretrain.enabled=false"),
+                  tmp_path)
+    items = {i.stage: i.status for i in plan(off, all_stages(), "all", [], tmp_path / "outputs" / "cache")}
+    assert items["pretrain"] == "disabled"
+
+
+def test_small_random_init_and_no_pretraining(tmp_path, ckpt):
+    from retrievers.pretraining import NoPretraining, load_mlm
+
+    small = {"num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}
+    a, _ = load_mlm(str(ckpt), small, seed=3)
+    b, _ = load_mlm(str(ckpt), small, seed=3)
+    assert a.config.num_hidden_layers == 1 and a.config.hidden_size == 16
+    for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), n  # seeded: every row of a table starts from the same weights
+    with pytest.raises(ValueError, match="not a field"):
+        load_mlm(str(ckpt), {"num_layerz": 2})
+    m = NoPretraining(str(ckpt), small, seed=3)
+    assert m.describe()["init"].startswith("random")
