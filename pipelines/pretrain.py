@@ -95,7 +95,7 @@ def pretrain_loop(method, texts: list[str], p: dict, seed: int, work: Path, devi
         total = int(p["max_steps"])
     else:
         total = max(1, math.ceil(float(p.get("epochs", 1)) * per_epoch))
-    if total == 0:
+    if total == 0 or not getattr(method, "trainable", True):  # NoPretraining: the init as it is
         return [], 0, 0.0
     params = [x for x in method.parameters() if x.requires_grad]
     opt = torch.optim.AdamW(params, lr=float(p.get("lr", 1e-4)), weight_decay=float(p.get("weight_decay", 0.01)))

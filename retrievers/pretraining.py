@@ -72,13 +72,15 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, where: torch.Tensor) -> 
 class NoPretraining(nn.Module):
     """Zero pre-training steps: the init itself (random with ``init_config``), for the baseline row."""
 
+    trainable = False  # the pretrain loop runs no step
+
     def __init__(self, checkpoint: str, init_config: dict | None = None, local_dirs: dict | None = None, seed: int = 0):
         super().__init__()
         self.mlm, self.tokenizer = load_mlm(checkpoint, init_config, local_dirs, seed)
         self.init_config = dict(init_config or {})
 
     def loss(self, texts):
-        raise RuntimeError("NoPretraining has no loss: set pipeline.pretrain.max_steps=0")
+        raise RuntimeError("NoPretraining has no loss (the pretrain loop runs no step for it)")
 
     def backbone(self) -> nn.Module:
         return base_of(self.mlm)

@@ -266,3 +266,13 @@ def test_small_random_init_and_no_pretraining(tmp_path, ckpt):
         load_mlm(str(ckpt), {"num_layerz": 2})
     m = NoPretraining(str(ckpt), small, seed=3)
     assert m.describe()["init"].startswith("random")
+
+
+def test_no_pretraining_row_runs_no_step(tmp_path, ckpt):
+    import pipelines.pretrain as pt
+    from retrievers.pretraining import no_pretraining
+
+    m = no_pretraining(str(ckpt), {"num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2,
+                                   "intermediate_size": 32}, tasks=["ict"], seed=0)  # a family's extra keys ignored
+    hist, steps, _ = pt.pretrain_loop(m, TEXTS, {"max_steps": 5}, 0, tmp_path / "w", "cpu", progress=False)
+    assert steps == 0 and hist == []
