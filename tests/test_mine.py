@@ -291,3 +291,17 @@ def test_mixed_pool_batches_take_from_both_pools():
         for i in range(len(b)):
             group = b.doc_ids[i * b.group:(i + 1) * b.group]
             assert group[0] == "d1" and group[1] in ("d2", "d3") and group[2] in ("d4", "d5")
+
+
+def test_ance_stage_with_async_refresh_worker(tmp_path):
+    """refresh_mode=async from the config: the worker builds the encoder from model.encoder + retriever1."""
+    from pipelines.runner import run_pipeline
+
+    make_tiny_beir(tmp_path / "data" / "tiny")
+    cfg = compose(_ance_overrides(tmp_path, "stage=retriever2", "pipeline.retriever2.refresh_mode=async",
+                                  "pipeline.retriever2.refresh_max_lag=1"), tmp_path)
+    summary = run_pipeline(cfg, tmp_path / "run")
+    r2 = Path(summary["stages"]["retriever2"]["dir"])
+    recs = [json.loads(x) for x in (r2 / "refresh_log.jsonl").read_text().splitlines()]
+    assert recs and all(r["mode"] == "async" and r["worker_pid"] != os.getpid() for r in recs)
+    assert recs[0]["requested_step"] == 2 and recs[0]["step"] in (2, 3)  # adopted within max_lag
