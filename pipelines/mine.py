@@ -207,7 +207,7 @@ class DenseMiner:
     def search(self, encoder, work_dir: Path) -> dict[str, list[tuple[str, float]]]:
         import torch
 
-        from pipelines.index import build_index, encode_corpus, load_embeddings, search
+        from pipelines.index import build_index, encode_corpus, search
 
         device = torch.device(self.device)
         encoder.to(device)
