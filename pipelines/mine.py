@@ -151,6 +151,14 @@ def read_teacher_scores(path: str | Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def window_sets(ranked: dict[str, list[tuple[str, float]]], positives: dict[str, Sequence[str]],
+                window: Sequence[int]) -> dict[str, set[str]]:
+    """Per query, the set of non-positive candidates ranked inside ``window`` (before sampling)."""
+    lo, hi = int(window[0]), int(window[1])
+    return {q: {d for r, (d, _) in enumerate(docs, start=1) if lo <= r <= hi and d not in set(positives.get(q, ()))}
+            for q, docs in ranked.items()}
+
+
 def overlap(old: dict[str, list[str]], new: dict[str, list[str]]) -> float:
     """Mean over queries of |new ∩ old| / |new|: how much of the new negatives were already there."""
     vals = [len(set(v) & set(old.get(q, ()))) / len(v) for q, v in new.items() if v]
@@ -203,6 +211,8 @@ class DenseMiner:
     teacher_scores: str | None = None
     fn_margin: float = 0.0
     last_stats: dict[str, Any] = field(default_factory=dict)
+    # the previous call's candidate windows: each call reports how much of its window is new
+    prev_window: dict[str, set[str]] | None = None
 
     def search(self, encoder, work_dir: Path) -> dict[str, list[tuple[str, float]]]:
         import torch
@@ -260,7 +270,13 @@ class DenseMiner:
 
     def __call__(self, encoder, work_dir: Path):
         ranked = self.search(encoder, Path(work_dir))
-        return ranked, self.select(ranked), dict(self.last_stats)
+        negs = self.select(ranked)
+        win = window_sets(ranked, self.positives, self.window)
+        if self.prev_window is not None:
+            self.last_stats["window_overlap_with_previous"] = round(overlap(
+                {q: list(v) for q, v in self.prev_window.items()}, {q: list(v) for q, v in win.items()}), 4)
+        self.prev_window = win
+        return ranked, negs, dict(self.last_stats)
 
 
 def miner_from_config(ds, split: str, encoder, p: dict, seed: int, runtime, doc_max_len=None) -> DenseMiner:

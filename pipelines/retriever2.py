@@ -71,6 +71,15 @@ def run(ctx: Context) -> dict[str, float]:
 
             miner = miner_from_config(ds, split, encoder, pm, int(ctx.cfg.seed), ctx.runtime,
                                       doc_max_len=pm.get("doc_max_len") or index_doc_len)
+            # the mine stage's candidate windows: the first refresh reports how many of its candidates are new
+            # (after a resume the comparison is with these again, not with the last refresh before the kill)
+            run_file = ctx.upstream["mine"] / "runs" / f"{split}.trec"
+            if run_file.exists():
+                from pipelines.evaluation import read_trec, trec_order
+                from pipelines.mine import window_sets
+
+                ranked = {q: trec_order(d) for q, d in read_trec(run_file).items() if q in miner.positives}
+                miner.prev_window = window_sets(ranked, miner.positives, miner.window)
             from retrievers.encoder import latest_checkpoint
 
             ckpt = latest_checkpoint(ctx.upstream)

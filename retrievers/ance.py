@@ -180,7 +180,8 @@ class AnnRefresher:
             "negatives_per_query": round(sum(map(len, pool.values())) / max(1, len(pool)), 2),
             "file": negs_path.name,
             "mode": self.mode,
-            **{k: stats[k] for k in ("encode_seconds", "search_seconds", "worker_pid") if k in stats},
+            **{k: stats[k] for k in ("window_overlap_with_previous", "encode_seconds", "search_seconds", "worker_pid")
+               if k in stats},
         }
         # a resumed run rewrites the records after the step it resumed from
         kept = [r for r in self.records() if r["step"] < step]

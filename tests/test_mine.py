@@ -104,6 +104,8 @@ def test_dense_miner_matches_brute_force_and_searches_in_chunks(tmp_path):
         assert all(c["id"] not in miner.positives[qid] and 2 <= c["rank"] <= 8 for c in negs[qid])
         assert len(negs[qid]) <= 4
     assert stats["train_queries"] == 12 and stats["depth"] == 8
+    _, again, stats2 = miner(enc, tmp_path / "mine2")  # same weights: same candidates, same sample
+    assert again == negs and stats2["window_overlap_with_previous"] == 1.0
 
 
 # --------------------------------------------------------------------------- refresh
@@ -131,6 +133,7 @@ def test_refresh_changes_negatives_and_training_continues_from_that_step(tmp_pat
     recs = refresher.records()
     assert [r["step"] for r in recs] == [3]  # every 3 steps, not after the last one
     assert recs[0]["overlap_with_previous"] < 1.0  # the negatives changed
+    assert "window_overlap_with_previous" not in recs[0]  # no window before the first search here
     assert data.pool != initial and data.pool == refresher.current
     rows = [json.loads(x) for x in (tmp_path / "work" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # no restart after the refresh
@@ -234,6 +237,7 @@ def test_ance_chain_end_to_end_cached_and_refresh_every_reruns_only_downstream(t
     assert json.loads((mine_dir / "mine_stats.json").read_text())["peak_rss_mb"] > 0
     refresh = [json.loads(x) for x in (r2_dir / "refresh_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in refresh] == [2]
+    assert 0.0 <= refresh[0]["window_overlap_with_previous"] <= 1.0  # vs the mine stage's candidate window
     assert st["retriever2"]["metrics"]["refreshes"] == 1
     assert (r2_dir / "refresh.png").exists() and (r2_dir / "checkpoint" / "head.pt").exists()
     enc_rec = json.loads((Path(st["index"]["dir"]) / "encoder.json").read_text())
