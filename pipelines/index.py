@@ -667,7 +667,7 @@ def run(ctx: Context) -> dict[str, float]:
         batch_size=int(rt.encode_batch_size),
         device=device,
         bf16=bf16,
-        progress=True,
+        progress=bool(rt.get("progress", True)),
         max_tokens=p.get("max_tokens"),
         unit_norm=cosine_unnormalized,
     )
