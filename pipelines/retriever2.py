@@ -80,14 +80,14 @@ def run(ctx: Context) -> dict[str, float]:
 
                 ranked = {q: trec_order(d) for q, d in read_trec(run_file).items() if q in miner.positives}
                 miner.prev_window = window_sets(ranked, miner.positives, miner.window)
-            from retrievers.encoder import latest_checkpoint
+            from retrievers.encoder import latest_checkpoint, resolve_device
 
             ckpt = latest_checkpoint(ctx.upstream)
             refresher = AnnRefresher(
                 miner, every, ctx.work, initial_pool=mined, mode=str(p.get("refresh_mode", "sync")),
                 encoder_spec=(OmegaConf.to_container(ctx.cfg.model.encoder, resolve=True),
                               str(ckpt) if ckpt else None),
-                device=str(p.get("refresh_device") or ctx.runtime.device).replace("auto", "cpu"),
+                device=str(resolve_device(str(p.get("refresh_device") or ctx.runtime.device))),
                 max_lag=p.get("refresh_max_lag"),
             )
         stats = {"n_negatives": n_neg, "bm25_negatives": n_bm25, "mined_from": str(neg_file),
