@@ -85,12 +85,20 @@ def main(argv: list[str] | None = None) -> str:
     qrels_paths = {str(q) for _, _, q, _ in loaded}
     if len({p for p in qrels_paths}) > 1:
         raise SystemExit(f"error: the runs are on different datasets/splits: {sorted(qrels_paths)}")
-    qrels = read_qrels(Path(next(iter(qrels_paths))))
+    qpath = Path(next(iter(qrels_paths)))
+    qrels = read_qrels(qpath)
+    queries_file = qpath.parent.parent / "queries.jsonl"
+    if queries_file.exists():  # as eval: judgments of queries absent from queries.jsonl are dropped
+        from pipelines.data import read_beir_queries
+
+        known = read_beir_queries(queries_file)
+        qrels = {q: d for q, d in qrels.items() if q in known}
     runs = []
     for name, run, _, _ in loaded:
         runs.append(ranx.Run({q: d for q, d in _ranked(run).items() if d}, name=name))
     report = ranx.compare(
-        qrels=ranx.Qrels(qrels), runs=runs, metrics=args.metrics, max_p=args.max_p, stat_test=args.test
+        qrels=ranx.Qrels(qrels), runs=runs, metrics=args.metrics, max_p=args.max_p, stat_test=args.test,
+        make_comparable=True,  # a query a run has no hit for scores 0 (trec_eval -c), as in eval
     )
     table = to_markdown(report.to_dict(), args.metrics, args.max_p)
     text = f"{table}\n\nPaired {args.test} test, p < {args.max_p}; superscripts: rows this run is significantly better than.\n"
