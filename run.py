@@ -86,9 +86,23 @@ def check_overrides(argv: list[str]) -> str | None:
     return None
 
 
+def rank_run_dir(argv: list[str], rank: int) -> list[str]:
+    """Under torchrun, ranks > 0 keep their Hydra directory (config, log) out of ``runs/``.
+
+    Hydra names a run directory by the second it starts in; ranks of one job can start in
+    different seconds (a loaded machine), which would leave several run directories. Rank 0
+    owns ``runs/<time>_<model>_<data>``; rank r writes ``ranks/<time>_<model>_<data>_rank<r>``.
+    """
+    if rank == 0 or any(a.startswith("hydra.run.dir=") for a in argv):
+        return argv
+    return [*argv, f"hydra.run.dir=${{paths.output_dir}}/ranks/${{now:%Y-%m-%d_%H-%M-%S}}_${{model.name}}_"
+                   f"${{data.name}}_rank{rank}"]
+
+
 if __name__ == "__main__":
     msg = check_overrides(sys.argv[1:])
     if msg:
         print(msg, file=sys.stderr)
         sys.exit(2)
+    sys.argv = [sys.argv[0], *rank_run_dir(sys.argv[1:], int(os.environ.get("RANK", "0")))]
     main()
