@@ -60,7 +60,9 @@ table-ance: setup ## BM25, retriever1, retriever2 on mined negatives, ANCE refre
 	  $(PY) run.py model=ance data=$$d $$S name=ance-r1-$$d pipeline.mine.enabled=false pipeline.retriever2.enabled=false && \
 	  $(PY) run.py model=ance data=$$d $$S name=ance-r2bm25-$$d pipeline.mine.source=bm25 'pipeline.mine.window=[10,100]' \
 	    pipeline.mine.n_per_query=null pipeline.mine.depth=100 pipeline.retriever2.refresh_every=0 && \
-	  $(PY) scripts/compare.py bm25-$$d ance-r1-$$d ance-norefresh-$$d ance-$$d ance-r2bm25-$$d --out outputs/tables/ance-$$d.md \
+	  $(PY) run.py model=ance data=$$d $$S name=ance-norefresh-w3-30-$$d 'pipeline.mine.window=[3,30]' pipeline.retriever2.refresh_every=0 && \
+	  $(PY) scripts/compare.py bm25-$$d ance-r1-$$d ance-norefresh-$$d ance-$$d ance-r2bm25-$$d ance-norefresh-w3-30-$$d \
+	    --out outputs/tables/ance-$$d.md \
 	  || exit 1; done
 
 # "Does pre-training help" on SciFact: a small random BERT (MiniLM vocabulary) pre-trained on the
