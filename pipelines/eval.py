@@ -169,4 +169,4 @@ def run(ctx: Context) -> dict[str, float]:
     return out
 
 
-STAGE = Stage(name="eval", version="1", reads=("data", "model", "pipeline.eval"), run=run)
+STAGE = Stage(name="eval", version="2", reads=("data", "model", "pipeline.eval"), run=run)

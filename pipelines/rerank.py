@@ -70,7 +70,11 @@ def score_pairs_batched(model, pairs: list[tuple[str, str]], batch_size: int, pr
 
 def rerank_run(model, run: dict[str, dict[str, float]], queries: dict[str, str], doc_text: dict[str, str],
                depth: int, batch_size: int, progress: bool = True) -> dict[str, dict[str, float]]:
-    """The top ``depth`` of each query in ``run`` re-scored by ``model`` (deeper hits dropped)."""
+    """The top ``depth`` of each query in ``run`` re-scored by ``model``; deeper hits follow in their order.
+
+    Hits below ``depth`` keep their original order under every re-scored one (scores
+    ``min(reranked) - 1 - i``), so Recall@k for k > depth is the first stage's.
+    """
     from pipelines.evaluation import trec_order
 
     pairs, keys = [], []
@@ -83,6 +87,12 @@ def rerank_run(model, run: dict[str, dict[str, float]], queries: dict[str, str],
     out: dict[str, dict[str, float]] = {}
     for (q, d), s in zip(keys, scores):
         out.setdefault(q, {})[d] = float(s)
+    for q, docs in run.items():
+        top = out.setdefault(q, {})
+        floor = min(top.values()) if top else 0.0
+        rest = [d for d, _ in trec_order(docs) if d not in top]
+        for i, d in enumerate(rest):
+            top[d] = floor - 1.0 - i
     return out
 
 

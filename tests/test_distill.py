@@ -195,8 +195,15 @@ def test_rerank_stage_trains_teacher_writes_scores_and_eval_reranks(tmp_path, te
     assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
     m = st["eval"]["metrics"]
     assert "rerank/test/ndcg@10" in m and 0 <= m["rerank/test/ndcg@10"] <= 1
-    rr = (Path(st["eval"]["dir"]) / "runs" / "test.rerank.trec").read_text().splitlines()
-    assert max(int(x.split()[3]) for x in rr) <= 5  # only the top 5 were re-scored
+    from pipelines.evaluation import read_trec, trec_order
+
+    rr = read_trec(Path(st["eval"]["dir"]) / "runs" / "test.rerank.trec")
+    first = read_trec(Path(st["bm25"]["dir"]) / "runs" / "test.trec")
+    for q, docs in first.items():
+        before = [d for d, _ in trec_order(docs)]
+        after = [d for d, _ in trec_order(rr[q])]
+        assert sorted(after[:5]) == sorted(before[:5])  # the top 5 re-ordered among themselves
+        assert after[5:] == before[5:]  # deeper hits kept, in the first stage's order
     assert "rerank@5" in (Path(st["eval"]["dir"]) / "report.md").read_text()
 
 
