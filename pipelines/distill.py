@@ -31,18 +31,13 @@ import torch
 from omegaconf import OmegaConf
 
 from pipelines.executor import ConfigError, Context, Stage
+from pipelines.mine import read_teacher_scores
 from pipelines.retriever1 import bm25_pool, train_stage
 from retrievers.training import ContrastiveData
 
 log = logging.getLogger("drlab")
 
 LOSSES = ("kl", "margin_mse", "tct")
-
-
-def read_teacher(path) -> dict[str, dict[str, float]]:
-    from pipelines.mine import read_teacher_scores
-
-    return read_teacher_scores(path)
 
 
 def run(ctx: Context) -> dict[str, float]:
@@ -64,7 +59,7 @@ def run(ctx: Context) -> dict[str, float]:
     def negatives(split, positives, doc_text, encoder, ds, index_doc_len):
         queries = {q: ds.queries[q] for q in positives}
         if kind in ("kl", "margin_mse"):
-            teacher = read_teacher(scores_file)
+            teacher = read_teacher_scores(scores_file)
             missing = [q for q in positives if q not in teacher]
             if missing:
                 log.warning("[distill] %d train queries have no teacher scores (e.g. %s): dropped",
@@ -116,7 +111,7 @@ def run(ctx: Context) -> dict[str, float]:
             return tct_inbatch_kd(scores, t, t_temp, gamma, batch.group)
 
     else:
-        teacher_scores = read_teacher(scores_file)
+        teacher_scores = read_teacher_scores(scores_file)
         alpha = float(p.get("alpha", 0.2))
 
         def teacher_group(batch):

@@ -283,8 +283,9 @@ def miner_from_config(ds, split: str, encoder, p: dict, seed: int, runtime, doc_
     """A :class:`DenseMiner` over ``ds``'s corpus and ``split``'s train queries, from ``pipeline.mine``."""
     from retrievers.encoder import resolve_device
 
-    positives = {q: [d for d, r in docs.items() if r > 0] for q, docs in ds.qrels[split].items()}
-    positives = {q: v for q, v in positives.items() if v and q in ds.queries}
+    from pipelines.retriever1 import train_positives
+
+    positives = train_positives(ds, split)
     doc_ids = list(ds.corpus)
     texts = encoder.doc_texts([ds.corpus[d] for d in doc_ids])
     return DenseMiner(
@@ -316,7 +317,7 @@ def run(ctx: Context) -> dict[str, float]:
 
     from pipelines.data import load_dataset
     from pipelines.evaluation import read_trec, trec_order
-    from pipelines.retriever1 import train_split_of
+    from pipelines.retriever1 import train_positives, train_split_of
     from retrievers.encoder import instantiate_encoder, latest_checkpoint
 
     p = OmegaConf.to_container(ctx.cfg.pipeline.mine, resolve=True)
@@ -342,8 +343,7 @@ def run(ctx: Context) -> dict[str, float]:
             raise ConfigError(f"{run_file} is missing: the bm25 stage did not search the '{split}' queries")
         encoder = None
         miner = None
-        positives = {q: [d for d, r in docs.items() if r > 0] for q, docs in ds.qrels[split].items()}
-        positives = {q: v for q, v in positives.items() if v and q in ds.queries}
+        positives = train_positives(ds, split)
         ranked = {q: trec_order(docs)[: int(p.get("depth", 200))] for q, docs in read_trec(run_file).items()
                   if q in positives}
         negs, stats = select_negatives(

@@ -203,7 +203,7 @@ def candidate_pool(ctx: Context, split: str, positives: dict[str, list[str]], p:
 
 def run(ctx: Context) -> dict[str, float]:
     from pipelines.data import load_dataset
-    from pipelines.retriever1 import train_split_of
+    from pipelines.retriever1 import train_positives, train_split_of
     from retrievers.encoder import resolve_device
     from retrievers.training import plot_loss
 
@@ -215,8 +215,7 @@ def run(ctx: Context) -> dict[str, float]:
     device = resolve_device(str(ctx.runtime.device))
     split = train_split_of(data)
     ds = load_dataset(data, [split])
-    positives = {q: [d for d, r in docs.items() if r > 0] for q, docs in ds.qrels[split].items()}
-    positives = {q: v for q, v in positives.items() if v and q in ds.queries}
+    positives = train_positives(ds, split)
     title_sep = " "
     doc_text = {d: (f"{x.get('title', '')}{title_sep}{x.get('text', '')}".strip()) for d, x in ds.corpus.items()}
     pool, source = candidate_pool(ctx, split, positives, p, ds)

@@ -66,6 +66,12 @@ def train_split_of(data: dict) -> str:
     return split
 
 
+def train_positives(ds, split: str) -> dict[str, list[str]]:
+    """Judged positives (relevance > 0) of each ``split`` query that has some and is in the queries file."""
+    out = {q: [d for d, r in docs.items() if r > 0] for q, docs in ds.qrels[split].items()}
+    return {q: v for q, v in out.items() if v and q in ds.queries}
+
+
 def _holdout(positives: dict[str, list[str]], n: int, seed: int) -> tuple[dict, list[str]]:
     """Split ``n`` queries off the training positives for dev evaluation."""
     import numpy as np
@@ -133,8 +139,7 @@ def train_stage(ctx: Context, name: str, p: dict, negatives, loss_fn=None) -> di
     split = train_split_of(data)
     dev_split = data.get("dev_split") if int(p.get("eval_every") or 0) > 0 else None
     ds = load_dataset(data, [split] + ([dev_split] if dev_split and dev_split != split else []))
-    positives = {q: [d for d, r in docs.items() if r > 0] for q, docs in ds.qrels[split].items()}
-    positives = {q: ds_ for q, ds_ in positives.items() if ds_}
+    positives = train_positives(ds, split)
     if not positives:
         raise DataError(f"data '{data['name']}': qrels/{split} has no positive judgment (relevance > 0)")
 

@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from pipelines.mine import read_negatives, write_negatives
 from retrievers.encoder import BiEncoder, build_biencoder
 
 log = logging.getLogger("drlab")
@@ -93,24 +94,6 @@ def _head_was_loaded(checkpoint: str) -> bool:
 
 
 # --------------------------------------------------------------------------- refresh
-
-
-def _pool_of(negs: dict[str, list[dict]]) -> dict[str, list[str]]:
-    return {q: [c["id"] for c in v] for q, v in negs.items()}
-
-
-def _write_negs(path: Path, negs: dict[str, list[dict]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for q in sorted(negs):
-            fh.write(json.dumps({"qid": q, "neg": negs[q]}) + "\n")
-    os.replace(tmp, path)
-
-
-def _read_pool(path: Path) -> dict[str, list[str]]:
-    from pipelines.mine import read_negatives
-
-    return read_negatives(path)
 
 
 class AnnRefresher:
@@ -171,7 +154,7 @@ class AnnRefresher:
     def _adopt(self, requested: int, step: int, seconds: float, negs_path: Path, stats: dict) -> dict[str, list[str]]:
         from pipelines.mine import overlap
 
-        pool = _read_pool(negs_path)
+        pool = read_negatives(negs_path)
         rec = {
             "requested_step": requested,
             "step": step,
@@ -223,7 +206,7 @@ class AnnRefresher:
         _, negs, stats = self.miner(encoder, emb_dir)
         shutil.rmtree(emb_dir, ignore_errors=True)
         path = self._negs_path(step)
-        _write_negs(path, negs)
+        write_negatives(path, negs, self.miner.positives)
         return self._adopt(step, step, time.perf_counter() - t0, path, stats)
 
     def poll(self, step: int) -> dict[str, list[str]] | None:
@@ -262,7 +245,7 @@ class AnnRefresher:
         path = self.dir / recs[-1]["file"]
         if not path.exists():
             raise RuntimeError(f"{self.log_path} names {path}, which is gone; delete {self.work} to start over")
-        self.current = _read_pool(path)
+        self.current = read_negatives(path)
         self._adopted_step = recs[-1]["requested_step"]
         log.info("[refresh] resuming with the negatives of the refresh at step %d (%s)", recs[-1]["step"], path.name)
         return self.current
@@ -333,7 +316,7 @@ def refresh_worker(miner, encoder_spec, refresh_dir: str, device: str, poll_s: f
             stats["seconds"] = round(time.perf_counter() - t0, 2)
             stats["worker_pid"] = os.getpid()
             out.with_suffix(".stats.json").write_text(json.dumps(stats))
-            _write_negs(out, negs)  # last: its appearance is the signal
+            write_negatives(out, negs, miner.positives)  # last: its appearance is the signal
             newest.unlink(missing_ok=True)
     except BaseException:
         (d / "worker_error.txt").write_text(traceback.format_exc())

@@ -42,6 +42,7 @@ def child(args) -> dict:
 
     from pipelines.data import load_dataset
     from pipelines.mine import DenseMiner
+    from pipelines.retriever1 import train_positives
     from retrievers.encoder import build_biencoder
 
     torch.set_num_threads(args.threads)
@@ -52,8 +53,7 @@ def child(args) -> dict:
         enc = build_biencoder(args.checkpoint)
     else:
         enc = build_biencoder(args.checkpoint, pooling="mean", normalize=True, similarity="cos", doc_max_len=256)
-    positives = {q: [d for d, r in docs.items() if r > 0] for q, docs in ds.qrels["train"].items()}
-    positives = {q: v for q, v in positives.items() if v and q in ds.queries}
+    positives = train_positives(ds, "train")
     doc_ids = list(ds.corpus)
     miner = DenseMiner(
         doc_ids=doc_ids, doc_texts=enc.doc_texts([ds.corpus[d] for d in doc_ids]),
