@@ -10,7 +10,7 @@ export DRLAB_DATA_DIR
 DATA ?= scifact
 CHECKPOINT ?= sentence-transformers/all-MiniLM-L6-v2
 
-.PHONY: help setup run test test-data bench table-bm25 table-dpr table-ance table-pretrain clean-cache
+.PHONY: help setup run test test-data bench table-bm25 table-dpr table-ance table-distill table-pretrain clean-cache
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -63,6 +63,27 @@ table-ance: setup ## BM25, retriever1, retriever2 on mined negatives, ANCE refre
 	  $(PY) run.py model=ance data=$$d $$S name=ance-norefresh-w3-30-$$d 'pipeline.mine.window=[3,30]' pipeline.retriever2.refresh_every=0 && \
 	  $(PY) scripts/compare.py bm25-$$d ance-r1-$$d ance-norefresh-$$d ance-$$d ance-r2bm25-$$d ance-norefresh-w3-30-$$d \
 	    --out outputs/tables/ance-$$d.md \
+	  || exit 1; done
+
+# Teachers and students (issue 5): SimLM's chain (pre-training off) with its retriever1 and retriever2
+# rows and the cross-encoder reranking retriever2's and the student's top 100; TCT-ColBERT with the
+# ColBERT teacher as reranker and end to end. NFCorpus ($(D5_NFC)): smaller step budgets (CPU time).
+D5_NFC := pipeline.retriever1.max_steps=196 pipeline.retriever2.max_steps=112 pipeline.rerank.max_steps=115 \
+  pipeline.distill.max_steps=232 pipeline.rerank.score_depth=20
+SIMLM := model=simlm pipeline.pretrain.enabled=false
+table-distill: setup ## SimLM chain + TCT-ColBERT (+HN) + ColBERT e2e next to BM25 on SciFact + NFCorpus
+	for d in scifact nfcorpus; do \
+	  case $$d in nfcorpus) S="$(D5_NFC)";; *) S="";; esac; \
+	  $(PY) run.py model=bm25 data=$$d && \
+	  $(PY) run.py $(SIMLM) data=$$d $$S name=simlm-$$d && \
+	  $(PY) run.py $(SIMLM) data=$$d $$S name=simlm-r2-$$d pipeline.distill.enabled=false && \
+	  $(PY) run.py $(SIMLM) data=$$d $$S name=simlm-r1-$$d pipeline.mine.enabled=false pipeline.retriever2.enabled=false \
+	    pipeline.rerank.enabled=false pipeline.distill.enabled=false && \
+	  $(PY) run.py model=tct_colbert data=$$d $$S name=tct-$$d pipeline.eval.colbert_e2e=true && \
+	  $(PY) run.py model=tct_colbert data=$$d $$S name=tct-hn-$$d pipeline.distill.n_negatives=1 pipeline.eval.rerank_depth=0 && \
+	  $(PY) scripts/compare.py bm25-$$d simlm-r1-$$d simlm-r2-$$d simlm-r2-$$d:rerank simlm-$$d simlm-$$d:rerank \
+	    tct-$$d tct-hn-$$d tct-$$d:rerank tct-$$d:colbert_e2e --metrics ndcg@10 recall@100 mrr@10 \
+	    --out outputs/tables/distill-$$d.md \
 	  || exit 1; done
 
 # "Does pre-training help" on SciFact: a small random BERT (MiniLM vocabulary) pre-trained on the

@@ -4,7 +4,8 @@ The system evaluated is the chain's last retriever: the dense ``index`` stage wh
 chain has one (queries encoded with the same model), otherwise the ``bm25`` run.
 With a ``rerank`` stage upstream and ``rerank_depth`` > 0, the retriever's top
 ``rerank_depth`` is re-scored by the trained teacher: its own row in the report, metrics
-``rerank/<split>/<metric>`` and ``runs/<split>.rerank.trec``.
+``rerank/<split>/<metric>`` and ``runs/<split>.rerank.trec``; ColBERT end to end
+(``colbert_e2e``) likewise ``colbert_e2e/<split>/<metric>`` and ``runs/<split>.colbert_e2e.trec``.
 Options (``pipeline.eval``): ``fusion`` (``rrf`` or ``wsum`` with the BM25 run, via
 ranx), ``unseen_subset`` (also score the eval queries none of whose relevant
 documents is relevant in the train split, to separate generalisation from
@@ -149,6 +150,8 @@ def run(ctx: Context) -> dict[str, float]:
     write_trec(systems[main_name], ctx.out / "runs" / f"{split}.trec", tag=main_name.split()[0])
     if reranked_name:
         write_trec(systems[reranked_name], ctx.out / "runs" / f"{split}.rerank.trec", tag="rerank")
+    if e2e_name:
+        write_trec(systems[e2e_name], ctx.out / "runs" / f"{split}.colbert_e2e.trec", tag="colbert")
     save_json(out, ctx.out / "metrics.json")
     save_json(per_query_main, ctx.out / "per_query.json")
     primary = p.get("primary", metrics[0])

@@ -5,7 +5,11 @@
     python scripts/compare.py A B C --out outputs/tables/quickstart.md
 
 Each argument is an experiment name (``outputs/experiments/<name>.json``), a run
-directory, or a ``summary.json``. The runs must be on the same dataset and split.
+directory, or a ``summary.json``; a suffix ``:rerank`` or ``:colbert_e2e`` takes that run's
+second-stage row instead (the teacher reranking the retriever's top-k, ColBERT end to end):
+
+    python scripts/compare.py simlm-scifact simlm-scifact:rerank tct-scifact:colbert_e2e
+ The runs must be on the same dataset and split.
 Significance: ranx's paired test (Student's t by default; ``fisher`` for a
 randomisation test), superscripts name the rows a system beats at p < ``--max-p``.
 Runs are given to ranx in trec_eval's document order (see pipelines/evaluation.py).
@@ -38,14 +42,32 @@ def find_summary(arg: str, outputs: Path) -> Path:
     raise SystemExit(f"error: '{arg}' is not a run dir, a summary.json, or an experiment; known experiments: {known}")
 
 
-def load(summary_path: Path) -> tuple[str, dict, Path, str]:
+VARIANTS = ("rerank", "colbert_e2e")  # eval's extra rows: runs/<split>.<variant>.trec
+
+
+def split_variant(arg: str) -> tuple[str, str | None]:
+    """``name:rerank`` -> (``name``, ``rerank``); a plain name or path -> (arg, None)."""
+    head, sep, tail = arg.rpartition(":")
+    if sep and tail in VARIANTS:
+        return head, tail
+    return arg, None
+
+
+def load(summary_path: Path, variant: str | None = None) -> tuple[str, dict, Path, str]:
     s = json.loads(summary_path.read_text())
     ev = s["stages"].get("eval")
     if not ev or not ev.get("dir"):
         raise SystemExit(f"error: {summary_path} has no finished eval stage")
     data = s["config"]["data"]
     split = data["eval_split"]
-    return s.get("name") or f"{s['model']}-{s['data']}", read_trec(Path(ev["dir"]) / "runs" / f"{split}.trec"), Path(data["path"]) / "qrels" / f"{split}.tsv", split
+    name = s.get("name") or f"{s['model']}-{s['data']}"
+    trec = Path(ev["dir"]) / "runs" / (f"{split}.{variant}.trec" if variant else f"{split}.trec")
+    if not trec.exists():
+        raise SystemExit(
+            f"error: {summary_path}: no {trec.name} in {trec.parent} (was pipeline.eval."
+            f"{'rerank_depth' if variant == 'rerank' else 'colbert_e2e'} on for that run?)"
+        )
+    return (f"{name}:{variant}" if variant else name), read_trec(trec), Path(data["path"]) / "qrels" / f"{split}.tsv", split
 
 
 def to_markdown(rep: dict, metrics: list[str], max_p: float) -> str:
@@ -81,7 +103,10 @@ def main(argv: list[str] | None = None) -> str:
     import ranx
 
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # scipy on identical per-query scores
-    loaded = [load(find_summary(a, Path(args.outputs))) for a in args.runs]
+    loaded = []
+    for a in args.runs:
+        base, variant = split_variant(a)
+        loaded.append(load(find_summary(base, Path(args.outputs)), variant))
     qrels_paths = {str(q) for _, _, q, _ in loaded}
     if len({p for p in qrels_paths}) > 1:
         raise SystemExit(f"error: the runs are on different datasets/splits: {sorted(qrels_paths)}")

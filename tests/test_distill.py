@@ -183,6 +183,7 @@ def test_rerank_stage_trains_teacher_writes_scores_and_eval_reranks(tmp_path, te
         "pipeline.rerank.max_steps=3", "pipeline.rerank.batch_size=2", "pipeline.rerank.n_negatives=2",
         "pipeline.rerank.lr=1e-3", "pipeline.rerank.log_every=1", "pipeline.rerank.neg_window=[1,10]",
         "pipeline.eval.rerank_depth=5", "+runtime.progress=false",
+        *(["pipeline.eval.colbert_e2e=true", "pipeline.eval.colbert_candidates=4"] if teacher == "colbert" else []),
     ], tmp_path)
     summary = run_pipeline(cfg, tmp_path / "run")
     st = summary["stages"]
@@ -205,6 +206,24 @@ def test_rerank_stage_trains_teacher_writes_scores_and_eval_reranks(tmp_path, te
         assert sorted(after[:5]) == sorted(before[:5])  # the top 5 re-ordered among themselves
         assert after[5:] == before[5:]  # deeper hits kept, in the first stage's order
     assert "rerank@5" in (Path(st["eval"]["dir"]) / "report.md").read_text()
+    if teacher == "colbert":  # end to end: its own run file and metrics, MaxSim-ranked
+        e2e = read_trec(Path(st["eval"]["dir"]) / "runs" / "test.colbert_e2e.trec")
+        assert set(e2e) == set(test_qrels) and "colbert_e2e/test/ndcg@10" in m
+
+    # scripts/compare.py puts the second-stage rows next to the first stage
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import compare
+
+    variants = ["rerank"] + (["colbert_e2e"] if teacher == "colbert" else [])
+    text = compare.main([str(tmp_path / "run"), *(f"{tmp_path / 'run'}:{v}" for v in variants), "--metrics", "ndcg@10"])
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "run" not in line]
+    assert len(rows) == 1 + len(variants)
+    assert f"{m['test/ndcg@10']:.4f}" in rows[0] and f"{m['rerank/test/ndcg@10']:.4f}" in rows[1]
+    if teacher == "cross_encoder":  # no end-to-end row in this run: the error names the file and the option
+        with pytest.raises(SystemExit, match="test.colbert_e2e.trec.*colbert_e2e"):
+            compare.main([f"{tmp_path / 'run'}:colbert_e2e", "--metrics", "ndcg@10"])
 
 
 # --------------------------------------------------------------------------- distill + families
