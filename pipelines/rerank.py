@@ -171,6 +171,18 @@ def train_reranker(model, examples: list[tuple[str, str]], pool: dict[str, list[
     return history
 
 
+def score_query_sample(qids: list[str], n: int | None, seed: int) -> list[str]:
+    """The train queries whose candidates the teacher scores: all, or a seeded sample of ``n``
+    (in ``qids`` order). The distill stage trains on the scored queries only, so a sample bounds
+    the scoring time on a large train split (NFCorpus: 2590 queries x ~42 judged passages)."""
+    if n is None or int(n) >= len(qids):
+        return list(qids)
+    if int(n) < 1:
+        raise ConfigError(f"pipeline.rerank.score_queries={n}: must be >= 1 (null: all train queries)")
+    keep = set(np.random.default_rng([int(seed), 7]).choice(len(qids), size=int(n), replace=False).tolist())
+    return [q for i, q in enumerate(qids) if i in keep]
+
+
 def candidate_pool(ctx: Context, split: str, positives: dict[str, list[str]], p: dict, ds=None) -> tuple[dict, str]:
     from pipelines.mine import NEGATIVES_FILE, miner_from_config, read_negatives
     from pipelines.retriever1 import bm25_pool
@@ -238,8 +250,11 @@ def run(ctx: Context) -> dict[str, float]:
         plot_loss(history, ctx.out / "loss.png", title=f"rerank ({type(model).__name__}) on {data['name']}")
 
     depth = int(p.get("score_depth", 30))
+    scored = score_query_sample(sorted(positives), p.get("score_queries"), int(ctx.cfg.seed))
+    if len(scored) < len(positives):
+        log.info("[rerank] scoring %d of %d train queries (pipeline.rerank.score_queries)", len(scored), len(positives))
     pairs, keys = [], []
-    for q in sorted(positives):
+    for q in scored:
         for d in list(dict.fromkeys(positives[q] + list(pool.get(q, ()))[:depth])):
             if d in doc_text:
                 pairs.append((ds.queries[q], doc_text[d]))

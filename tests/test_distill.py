@@ -281,3 +281,36 @@ def test_distill_without_rerank_says_how_to_fix(tmp_path):
     cfg = compose(_family_overrides(tmp_path, "tct_colbert", "model.chain=[bm25,distill,index,eval]"), tmp_path)
     with pytest.raises(ConfigError, match="no rerank stage"):
         run_pipeline(cfg, tmp_path / "run")
+
+
+def test_score_query_sample_is_seeded_ordered_and_checked():
+    from pipelines.executor import ConfigError
+    from pipelines.rerank import score_query_sample
+
+    qids = [f"q{i:03d}" for i in range(50)]
+    assert score_query_sample(qids, None, 1) == qids and score_query_sample(qids, 80, 1) == qids
+    a, b, c = score_query_sample(qids, 10, 1), score_query_sample(qids, 10, 1), score_query_sample(qids, 10, 2)
+    assert a == b and a != c  # the seed decides which queries
+    assert len(a) == 10 and a == sorted(a) and set(a) <= set(qids)
+    with pytest.raises(ConfigError, match="score_queries=0"):
+        score_query_sample(qids, 0, 1)
+
+
+@pytest.mark.parametrize("overrides,loss,n_neg", [
+    (["model=tct_colbert"], "tct", 0),                                   # TCT-ColBERT: in-batch KD
+    (["model=tct_colbert", "pipeline.distill.n_negatives=1"], "tct", 1),  # the HN variant
+    (["model=tct_colbert", "pipeline.distill.loss=kl"], "kl", 7),         # negatives follow the loss
+    (["model=simlm"], "kl", 7),                                          # cross-encoder teacher: group KL
+])
+def test_distill_defaults_follow_the_teacher(tmp_path, overrides, loss, n_neg):
+    from conftest import compose
+    from pipelines import all_stages
+    from pipelines.executor import resolved_reads
+
+    cfg = compose([*overrides, "data=scifact"], tmp_path)
+    assert (cfg.pipeline.distill.loss, cfg.pipeline.distill.n_negatives) == (loss, n_neg)
+    # the stage key hashes resolved values: the default equals the same values written out
+    explicit = compose([*overrides, "data=scifact", f"pipeline.distill.loss={loss}",
+                        f"pipeline.distill.n_negatives={n_neg}"], tmp_path)
+    stage = all_stages()["distill"]
+    assert resolved_reads(stage, cfg)["pipeline.distill"] == resolved_reads(stage, explicit)["pipeline.distill"]
