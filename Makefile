@@ -69,7 +69,7 @@ table-ance: setup ## BM25, retriever1, retriever2 on mined negatives, ANCE refre
 # rows and the cross-encoder reranking retriever2's and the student's top 100; TCT-ColBERT (in-batch
 # KD, + hard negatives) and its ColBERT teacher end to end. NFCorpus ($(D5_NFC)): smaller step budgets (CPU time).
 D5_NFC := pipeline.retriever1.max_steps=196 pipeline.retriever2.max_steps=112 pipeline.rerank.max_steps=114 \
-  pipeline.distill.max_steps=114
+  pipeline.distill.max_steps=114 pipeline.rerank.score_queries=600
 SIMLM := model=simlm pipeline.pretrain.enabled=false
 table-distill: setup ## SimLM chain + TCT-ColBERT (+HN) + ColBERT e2e next to BM25 on SciFact + NFCorpus
 	for d in scifact nfcorpus; do \
