@@ -74,7 +74,7 @@ SIMLM := model=simlm pipeline.pretrain.enabled=false
 table-distill: setup ## SimLM chain + TCT-ColBERT (+HN) + ColBERT e2e next to BM25 on SciFact + NFCorpus
 	for d in scifact nfcorpus; do \
 	  case $$d in nfcorpus) S="$(D5_NFC)";; *) S="";; esac; \
-	  $(PY) run.py model=bm25 data=$$d && \
+	  $(PY) run.py model=bm25 data=$$d && $(PY) run.py model=pretrained data=$$d && \
 	  $(PY) run.py $(SIMLM) data=$$d $$S name=simlm-$$d && \
 	  $(PY) run.py $(SIMLM) data=$$d $$S name=simlm-r2-$$d pipeline.distill.enabled=false && \
 	  $(PY) run.py $(SIMLM) data=$$d $$S name=simlm-r1-$$d pipeline.mine.enabled=false pipeline.retriever2.enabled=false \
@@ -82,7 +82,7 @@ table-distill: setup ## SimLM chain + TCT-ColBERT (+HN) + ColBERT e2e next to BM
 	  $(PY) run.py model=tct_colbert data=$$d $$S name=tct-$$d pipeline.eval.colbert_e2e=true pipeline.eval.rerank_depth=0 && \
 	  $(PY) run.py model=tct_colbert data=$$d $$S name=tct-hn-$$d pipeline.distill.n_negatives=1 pipeline.eval.rerank_depth=0 && \
 	  $(PY) scripts/compare.py bm25-$$d simlm-r1-$$d simlm-r2-$$d simlm-r2-$$d:rerank simlm-$$d simlm-$$d:rerank \
-	    tct-$$d tct-hn-$$d tct-$$d:colbert_e2e --metrics ndcg@10 recall@100 mrr@10 \
+	    pretrained-$$d tct-$$d tct-hn-$$d tct-$$d:colbert_e2e --metrics ndcg@10 recall@100 mrr@10 \
 	    --out outputs/tables/distill-$$d.md \
 	  || exit 1; done
 
