@@ -82,14 +82,15 @@ def run(ctx: Context) -> dict[str, float]:
         main_name = f"{main_name}+bm25 ({p.fusion})"
     reranked_name = None
     rr_depth = int(p.get("rerank_depth") or 0)
-    corpus = None  # loaded once, only when a teacher needs the passages
+    doc_text = None  # passage texts, built once, only when a teacher needs them
     if "rerank" in ctx.upstream and (rr_depth or p.get("colbert_e2e")):
-        corpus = load_dataset(data, [split]).corpus
+        full = load_dataset(data, [split])
+        doc_text = {d: full.doc_text(d) for d in full.corpus}
+        del full
     if rr_depth and "rerank" in ctx.upstream:
         from pipelines.rerank import load_teacher, rerank_run
         from retrievers.encoder import resolve_device
 
-        doc_text = {d: f"{x.get('title', '')} {x.get('text', '')}".strip() for d, x in corpus.items()}
         teacher = load_teacher(ctx.cfg.model.teacher, ctx.upstream["rerank"] / "checkpoint")
         teacher.to(resolve_device(str(ctx.runtime.device)))
         reranked_name = f"{main_name} >> rerank@{rr_depth}"
@@ -97,7 +98,7 @@ def run(ctx: Context) -> dict[str, float]:
             teacher, systems[main_name], ds.split_queries(split), doc_text, rr_depth,
             int(p.get("rerank_batch_size", 64)), progress=bool(ctx.runtime.get("progress", True)),
         )
-        del teacher, doc_text
+        del teacher
     e2e_name = None
     if p.get("colbert_e2e") and "rerank" in ctx.upstream:
         from pipelines.rerank import load_teacher
@@ -108,15 +109,13 @@ def run(ctx: Context) -> dict[str, float]:
         if not hasattr(teacher, "score_all"):
             raise ConfigError("pipeline.eval.colbert_e2e=true needs a ColBERT teacher (model.teacher)")
         teacher.to(resolve_device(str(ctx.runtime.device)))
-        ids = list(corpus)
         cidx = ColbertIndex(teacher, batch_size=int(p.get("rerank_batch_size", 64)))
-        cidx.add(ids, [f"{corpus[d].get('title', '')} {corpus[d].get('text', '')}".strip() for d in ids],
-                 progress=bool(ctx.runtime.get("progress", True)))
+        cidx.add(list(doc_text), list(doc_text.values()), progress=bool(ctx.runtime.get("progress", True)))
         e2e_name = "colbert (end to end)"
         systems[e2e_name] = cidx.search(ds.split_queries(split), k=int(p.depth),
                                         candidates_per_token=int(p.get("colbert_candidates", 64)))
         del cidx, teacher
-    del corpus
+    del doc_text
 
     (ctx.out / "runs").mkdir()
     rows: dict[str, dict[str, float]] = {}

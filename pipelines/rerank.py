@@ -228,8 +228,7 @@ def run(ctx: Context) -> dict[str, float]:
     split = train_split_of(data)
     ds = load_dataset(data, [split])
     positives = train_positives(ds, split)
-    title_sep = " "
-    doc_text = {d: (f"{x.get('title', '')}{title_sep}{x.get('text', '')}".strip()) for d, x in ds.corpus.items()}
+    doc_text = {d: ds.doc_text(d) for d in ds.corpus}
     pool, source = candidate_pool(ctx, split, positives, p, ds)
     model = load_teacher(ctx.cfg.model.teacher).to(device)
     examples = [(q, d) for q, ds_ in positives.items() for d in ds_ if d in doc_text]
