@@ -88,6 +88,7 @@ class PlanItem:
     dir: Path | None
     seconds: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: float | None = None
 
 
 # --------------------------------------------------------------------------- keys
@@ -279,6 +280,32 @@ def _stage_view(cfg: DictConfig, stage: Stage) -> DictConfig:
     return out
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS high-water mark (Linux >= 4.0: ``5 > /proc/self/clear_refs``).
+
+    Returns False where the kernel does not allow it; the peak read afterwards then counts
+    from the process's start, not from the stage's.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float | None:
+    """The process's peak resident set size (VmHWM) in MiB, None off Linux."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
@@ -353,6 +380,7 @@ def _run_one(cfg, stage: Stage, item: PlanItem, final: Path, upstream: dict[str,
         dist.barrier()
     ctx = Context(stage.name, item.key, _stage_view(cfg, stage), partial, work, upstream)
     started = datetime.now(timezone.utc)
+    peak_is_stage = reset_peak_rss()
     t0 = time.perf_counter()
     log.info("[%s] running -> %s%s", stage.name, final, " (work dir has state to resume from)" if resumed else "")
     try:
@@ -370,6 +398,8 @@ def _run_one(cfg, stage: Stage, item: PlanItem, final: Path, upstream: dict[str,
             stage_dir.rmdir()
         raise
     seconds = time.perf_counter() - t0
+    peak = peak_rss_mb()
+    item.peak_rss_mb = round(peak, 1) if peak is not None else None
     if rank != 0:
         item.status, item.seconds, item.metrics = "ran", seconds, metrics
         dist.barrier()  # wait for rank 0's manifest and rename
@@ -390,6 +420,8 @@ def _run_one(cfg, stage: Stage, item: PlanItem, final: Path, upstream: dict[str,
         "python": sys.version.split()[0],
         "started": started.isoformat(),
         "seconds": round(seconds, 3),
+        "peak_rss_mb": item.peak_rss_mb,  # this process only, not DataLoader workers or helper processes
+        "peak_rss_since": "stage start" if peak_is_stage else "process start",
         "command": sys.argv,
     }
     _write_json(partial / "manifest.json", manifest)  # written last: marks completion
@@ -402,4 +434,4 @@ def _run_one(cfg, stage: Stage, item: PlanItem, final: Path, upstream: dict[str,
     item.status, item.seconds, item.metrics = "ran", seconds, metrics
     if dist is not None:
         dist.barrier()
-    log.info("[%s] done in %.1fs", stage.name, seconds)
+    log.info("[%s] done in %.1fs, peak RSS %s MiB", stage.name, seconds, item.peak_rss_mb)

@@ -129,6 +129,7 @@ def _summary(cfg: DictConfig, items: list[PlanItem], seconds: float) -> dict[str
             i.stage: {
                 "status": {"force": "pending", "run": "pending"}.get(i.status, i.status),
                 "seconds": round(i.seconds, 2),
+                "peak_rss_mb": i.peak_rss_mb,
                 "key": i.key,
                 "dir": str(i.dir) if i.dir else None,
                 "metrics": i.metrics,

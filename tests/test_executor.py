@@ -346,6 +346,31 @@ def test_manifest_contents(env):
     assert json.loads((by["bm25"].dir / "manifest.json").read_text())["upstream"] == []
 
 
+def test_each_stage_reports_its_own_peak_rss(env):
+    """A stage that holds 400 MB reports a peak above that; the stage after it, which allocates
+    nothing, reports a peak well below it (the high-water mark is reset per stage on Linux)."""
+    import numpy as np
+
+    from pipelines.executor import reset_peak_rss
+
+    if not reset_peak_rss():
+        pytest.skip("this kernel does not allow resetting the peak RSS")
+    cfg = fake_cfg(env["data"])
+
+    def big(ctx):
+        a = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
+        assert a.sum() > 0
+
+    env["fakes"].hooks["retriever1"] = big
+    items = do_run(env, cfg)
+    by = {i.stage: i for i in items}
+    m = json.loads((by["retriever1"].dir / "manifest.json").read_text())
+    assert m["peak_rss_since"] == "stage start"
+    assert m["peak_rss_mb"] == by["retriever1"].peak_rss_mb
+    assert by["retriever1"].peak_rss_mb > 400
+    assert by["eval"].peak_rss_mb < by["retriever1"].peak_rss_mb - 300
+
+
 # --------------------------------------------------------------------------- (i) stage view
 
 
