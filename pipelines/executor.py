@@ -141,7 +141,13 @@ def _fp_cache_key(path: str) -> tuple:
 def resolved_reads(stage: Stage, cfg: DictConfig) -> dict[str, Any]:
     reads: dict[str, Any] = {}
     for r in stage.reads:
-        value = _select(cfg, r)
+        try:
+            value = _select(cfg, r)
+        except ConfigError as e:
+            raise ConfigError(
+                f"{e} (read by stage '{stage.name}'; model '{OmegaConf.select(cfg, 'model.name')}'). Fix: give the "
+                f"config that node, or drop '{stage.name}' from model.chain"
+            ) from None
         if r == "data" and isinstance(value, dict):
             # Hash the content, not where it lives on this machine.
             value = dict(value)

@@ -166,7 +166,7 @@ def run(ctx: Context) -> dict[str, float]:
     from retrievers.training import plot_loss, seed_everything
 
     p = OmegaConf.to_container(ctx.cfg.pipeline.pretrain, resolve=True)
-    if ctx.cfg.model.get("pretrain") is None:
+    if ctx.cfg.model.get("pretrain") is None:  # present but null (a missing node fails at plan time)
         raise ConfigError(
             f"stage pretrain needs model.pretrain (a _target_ pre-training method); model '{ctx.cfg.model.name}' has "
             f"none. Fix: use a family with one (simlm, contriever, retromae, ict) or drop pretrain from model.chain."
@@ -206,4 +206,7 @@ def run(ctx: Context) -> dict[str, float]:
     return metrics
 
 
-STAGE = Stage(name="pretrain", version="1", reads=("data", "model", "pipeline.pretrain", "seed"), run=run)
+# Not the whole ``model`` node: its ``chain`` (and a family's teacher, ...) do not change what pre-training
+# writes, and reading them would pre-train again for the zero-shot and the fine-tuned chain of the same method.
+STAGE = Stage(name="pretrain", version="1",
+              reads=("data", "model.name", "model.encoder", "model.pretrain", "pipeline.pretrain", "seed"), run=run)

@@ -407,7 +407,7 @@ def test_stage_sees_only_declared_reads(env):
 def test_missing_read_is_a_config_error(env):
     cfg = fake_cfg(env["data"])
     del cfg.pipeline["bm25"]
-    with pytest.raises(ConfigError, match="pipeline.bm25"):
+    with pytest.raises(ConfigError, match=r"pipeline.bm25.*read by stage 'bm25'.*drop 'bm25' from model.chain"):
         do_plan(env, cfg)
 
 

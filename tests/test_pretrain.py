@@ -253,6 +253,23 @@ def test_simlm_chain_includes_pretrain_and_it_can_be_switched_off(tmp_path, ckpt
     assert items["pretrain"] == "disabled"
 
 
+def test_zero_shot_and_fine_tuned_chains_share_the_pretrain_stage(tmp_path, ckpt):
+    """The pretrain key does not depend on model.chain: the "Contriever zero-shot" row reuses the
+    pre-training of the fine-tuned Contriever row; its method's settings do change the key."""
+    from pipelines import all_stages
+    from pipelines.executor import plan
+
+    make_tiny_beir(tmp_path / "data" / "tiny")
+
+    def key(*extra):
+        cfg = compose(_overrides(tmp_path, ckpt, "contriever", "data.train_split=test", *extra), tmp_path)
+        return {i.stage: i.key for i in plan(cfg, all_stages(), "all", [], tmp_path / "outputs" / "cache")}["pretrain"]
+
+    fine_tuned = key("model.chain=[bm25,pretrain,retriever1,index,eval]")
+    assert key("model.chain=[bm25,pretrain,index,eval]") == fine_tuned
+    assert key("model.chain=[bm25,pretrain,index,eval]", "model.pretrain.queue_size=8") != fine_tuned
+
+
 def test_small_random_init_and_no_pretraining(tmp_path, ckpt):
     from retrievers.pretraining import NoPretraining, load_mlm
 
