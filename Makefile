@@ -97,17 +97,21 @@ SMALL := 'model.pretrain.init_config={num_hidden_layers:4,hidden_size:256,num_at
 # MiniLM) and fine-tuning at lr 1e-4 (not 2e-5); the fine-tuning budget (196 steps x 32) is the same for every row.
 PT := pipeline.pretrain.extra_corpora=[nfcorpus] pipeline.pretrain.epochs=2 pipeline.pretrain.lr=5e-4 pipeline.retriever1.lr=1e-4
 FT := 'model.chain=[bm25,pretrain,retriever1,index,eval]'
+# Every row fine-tunes (and scores) the same way: cosine at temperature 0.05; pooling is the one its pre-training
+# shapes ([CLS] for SimLM's bottleneck and RetroMAE, mean otherwise).
+ENC := model.encoder.normalize=true model.encoder.similarity=cos model.encoder.temperature=0.05
 table-pretrain: setup ## pre-training methods x the same fine-tuning budget on SciFact
-	$(PY) run.py model=ict data=scifact $(FT) $(SMALL) $(PT) model.pretrain._target_=retrievers.pretraining.no_pretraining name=pt-none-scifact
-	$(PY) run.py model=contriever data=scifact $(FT) $(SMALL) $(PT) name=pt-contriever-scifact
-	$(PY) run.py model=simlm data=scifact $(FT) $(SMALL) $(PT) name=pt-simlm-scifact
-	$(PY) run.py model=retromae data=scifact $(FT) $(SMALL) $(PT) name=pt-retromae-scifact
-	$(PY) run.py model=ict data=scifact $(FT) $(SMALL) $(PT) name=pt-ict-scifact
-	$(PY) run.py model=simlm data=scifact $(FT) name=pt-minilm-simlm-scifact
-	$(PY) run.py model=retromae data=scifact $(FT) name=pt-minilm-retromae-scifact
-	$(PY) run.py model=contriever data=scifact 'model.chain=[bm25,pretrain,index,eval]' $(SMALL) $(PT) name=pt-contriever-zeroshot-scifact
+	$(PY) run.py model=ict data=scifact $(FT) $(SMALL) $(PT) $(ENC) model.pretrain._target_=retrievers.pretraining.no_pretraining name=pt-none-scifact
+	$(PY) run.py model=contriever data=scifact $(FT) $(SMALL) $(PT) $(ENC) name=pt-contriever-scifact
+	$(PY) run.py model=contriever data=scifact 'model.chain=[bm25,pretrain,index,eval]' $(SMALL) $(PT) $(ENC) name=pt-contriever-zeroshot-scifact
+	$(PY) run.py model=simlm data=scifact $(FT) $(SMALL) $(PT) $(ENC) model.encoder.pooling=cls name=pt-simlm-scifact
+	$(PY) run.py model=retromae data=scifact $(FT) $(SMALL) $(PT) $(ENC) name=pt-retromae-scifact
+	$(PY) run.py model=ict data=scifact $(FT) $(SMALL) $(PT) $(ENC) name=pt-ict-scifact
+	$(PY) run.py model=simlm data=scifact $(FT) $(ENC) model.encoder.pooling=cls name=pt-minilm-simlm-scifact
+	$(PY) run.py model=retromae data=scifact $(FT) $(ENC) name=pt-minilm-retromae-scifact
 	$(PY) scripts/compare.py pt-none-scifact pt-contriever-scifact pt-simlm-scifact pt-retromae-scifact pt-ict-scifact \
-	  pt-minilm-simlm-scifact pt-minilm-retromae-scifact pt-contriever-zeroshot-scifact --out outputs/tables/pretrain-scifact.md
+	  pt-minilm-simlm-scifact pt-minilm-retromae-scifact pt-contriever-zeroshot-scifact pretrained-scifact \
+	  --metrics ndcg@10 recall@100 mrr@10 --out outputs/tables/pretrain-scifact.md
 
 clean-cache: ## delete outputs/cache (every stage recomputes)
 	rm -rf outputs/cache outputs/locks
