@@ -15,7 +15,10 @@
 Chains: ``pretrain -> index -> eval`` (zero-shot, ``model=contriever``) or in front of a
 fine-tuning chain. What differs: the paper pre-trains for 500k steps on CCNet + Wikipedia
 with batch 2048 and a 131k queue; here the corpus is the dataset's own text (plus
-``pipeline.pretrain.extra_corpora``) and everything is scaled to a CPU budget.
+``pipeline.pretrain.extra_corpora``) and everything is scaled to a CPU budget. The InfoNCE here
+is on L2-normalised vectors (cosine / ``temperature``), stable from a random init in a few hundred
+steps; the released model scores with raw dot products. ``conf/model/contriever.yaml`` scores with
+cosine to match what the pre-training optimised.
 """
 
 from __future__ import annotations
