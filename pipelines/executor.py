@@ -62,6 +62,10 @@ class Stage:
     #: under torchrun: True = every rank runs ``run`` (it shards its own work);
     #: False = rank 0 runs it while the other ranks wait
     distributed: bool = False
+    #: options added after the stage's results were first cached, as (dotted key, value that
+    #: reproduces the behaviour from before the option existed): at that value the option is left
+    #: out of the key, so adding it does not invalidate finished stages; any other value is hashed
+    added_options: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass
@@ -158,7 +162,28 @@ def resolved_reads(stage: Stage, cfg: DictConfig) -> dict[str, Any]:
                     _FP_CACHE[ck] = data_fingerprint(path)
                 value["fingerprint"] = _FP_CACHE[ck]
         reads[r] = value
+    for dotted, old_behaviour in stage.added_options:
+        read = next((r for r in stage.reads if dotted.startswith(r + ".")), None)
+        if read is None:
+            raise ValueError(f"stage '{stage.name}': added option '{dotted}' is not under one of its reads {stage.reads}")
+        *parents, leaf = dotted[len(read) + 1 :].split(".")
+        node = reads[read]
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == old_behaviour:
+            node = dict(node)  # never edit the caller's containers in place
+            del node[leaf]
+            reads[read] = _replace_at(reads[read], parents, node)
     return reads
+
+
+def _replace_at(tree: Any, path: list[str], value: Any) -> Any:
+    """A copy of the nested dict ``tree`` with ``tree[path[0]]...[path[-1]] = value``."""
+    if not path:
+        return value
+    out = dict(tree)
+    out[path[0]] = _replace_at(tree[path[0]], path[1:], value)
+    return out
 
 
 def stage_key(stage: Stage, cfg: DictConfig, upstream_keys: list[str]) -> str:

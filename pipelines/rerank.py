@@ -278,4 +278,5 @@ def run(ctx: Context) -> dict[str, float]:
     return metrics
 
 
-STAGE = Stage(name="rerank", version="1", reads=("data", "model", "pipeline.rerank", "pipeline.mine", "seed"), run=run)
+STAGE = Stage(name="rerank", version="1", reads=("data", "model", "pipeline.rerank", "pipeline.mine", "seed"), run=run,
+              added_options=(("pipeline.rerank.score_queries", None),))  # null = every train query, as before

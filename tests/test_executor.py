@@ -184,6 +184,32 @@ def test_runtime_change_keeps_all_keys(env):
     assert statuses(second) == {n: "cached" for n in CHAIN}
 
 
+def test_added_option_at_its_old_behaviour_keeps_the_key(env):
+    """An option added to a stage later (declared in Stage.added_options with the value that
+    reproduces the old behaviour) leaves finished stages valid; any other value is a new key."""
+    from pipelines.executor import stage_key
+
+    before = fake_cfg(env["data"])
+    base = Stage("retriever1", "1", READS["retriever1"], lambda ctx: {})
+    grown = Stage("retriever1", "1", READS["retriever1"], lambda ctx: {},
+                  added_options=(("pipeline.retriever1.sample.queries", None),))
+    k0 = stage_key(base, before, [])
+    at_old = fake_cfg(env["data"], pipeline__retriever1__sample={"queries": None, "seed": 1})
+    assert stage_key(grown, at_old, []) != k0, "only the declared leaf is dropped, not its siblings"
+    at_old = fake_cfg(env["data"], pipeline__retriever1__sample={"queries": None})
+    assert stage_key(grown, at_old, []) == stage_key(base, fake_cfg(env["data"], pipeline__retriever1__sample={}), [])
+    new = fake_cfg(env["data"], pipeline__retriever1__sample={"queries": 600})
+    assert stage_key(grown, new, []) != stage_key(grown, at_old, [])
+    assert at_old.pipeline.retriever1.sample.queries is None, "the config itself is not edited"
+    flat = fake_cfg(env["data"], pipeline__retriever1__score_queries=None)
+    flat_grown = Stage("retriever1", "1", READS["retriever1"], lambda ctx: {},
+                       added_options=(("pipeline.retriever1.score_queries", None),))
+    assert stage_key(flat_grown, flat, []) == k0
+    bad = Stage("retriever1", "1", READS["retriever1"], lambda ctx: {}, added_options=(("pipeline.mine.x", None),))
+    with pytest.raises(ValueError, match="not under one of its reads"):
+        stage_key(bad, flat, [])
+
+
 def test_version_bump_changes_key(env):
     cfg = fake_cfg(env["data"])
     base = keys(do_plan(env, cfg))
