@@ -314,3 +314,45 @@ def test_distill_defaults_follow_the_teacher(tmp_path, overrides, loss, n_neg):
                         f"pipeline.distill.n_negatives={n_neg}"], tmp_path)
     stage = all_stages()["distill"]
     assert resolved_reads(stage, cfg)["pipeline.distill"] == resolved_reads(stage, explicit)["pipeline.distill"]
+
+
+def test_teacher_quality_against_its_chance_rate():
+    """AUC is 1 for a teacher that puts every positive first, 0.5 for one that ties everything,
+    0 for an inverted one; the top-1 chance rate is the share of positives among the candidates."""
+    from pipelines.rerank import teacher_quality
+
+    pos = {"q1": {"a", "b"}, "q2": {"x"}}
+    perfect = {"q1": {"a": 3.0, "b": 2.0, "c": 1.0, "d": 0.0}, "q2": {"x": 1.0, "y": 0.0}}
+    m = teacher_quality(perfect, pos)
+    assert m == {"top1_is_positive": 1.0, "top1_chance": (0.5 + 0.5) / 2, "auc": 1.0}
+    tied = {q: {d: 0.0 for d in v} for q, v in perfect.items()}
+    assert teacher_quality(tied, pos)["auc"] == 0.5
+    inverted = {q: {d: -s for d, s in v.items()} for q, v in perfect.items()}
+    m = teacher_quality(inverted, pos)
+    assert m["auc"] == 0.0 and m["top1_is_positive"] == 0.0
+    # q1: one of two positives above both negatives, the other below one: (1 + 1 + 1 + 0) / 4
+    mixed = {"q1": {"a": 3.0, "c": 2.0, "b": 1.0, "d": 0.0}}
+    assert teacher_quality(mixed, pos)["auc"] == 0.75
+
+
+def test_teacher_quality_script_reads_a_stage_dir(tmp_path, capsys):
+    import importlib.util
+    import json
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("tq", REPO / "scripts" / "teacher_quality.py")
+    tq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tq)
+    stage = tmp_path / "rerank-v1-abc"
+    stage.mkdir()
+    (stage / "manifest.json").write_text(json.dumps({"reads": {"data": {"name": "toy", "train_split": "train"}}}))
+    (stage / "teacher_scores.jsonl").write_text(json.dumps({"qid": "q1", "scores": {"a": 1.0, "b": 0.0}}) + "\n")
+    data = tmp_path / "toy"
+    (data / "qrels").mkdir(parents=True)
+    (data / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\ta\t1\n")
+    tq.main([str(stage), "--data-dir", str(data)])
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"stage": "rerank-v1-abc", "queries": 1, "top1_is_positive": 1.0, "top1_chance": 0.5, "auc": 1.0}
+    with pytest.raises(SystemExit, match="qrels/train.tsv does not exist"):
+        tq.main([str(stage), "--data-dir", str(tmp_path / "nowhere")])

@@ -1,0 +1,72 @@
+"""How good is a finished rerank stage's teacher on the train candidates it scored?
+
+    python scripts/teacher_quality.py outputs/cache/rerank/<key> [more stage dirs or experiment names]
+
+Reads ``teacher_scores.jsonl`` and the dataset's train qrels (from the stage's manifest) and prints,
+per stage, ``pipelines.rerank.teacher_quality``: top-1-is-positive next to its chance rate, and the
+mean per-query AUC of positives against the other candidates (0.5 = chance). New rerank runs
+record the same numbers in their metrics (``train_auc``, ...); this reads runs made before that.
+An experiment name takes the rerank stage of that experiment's newest run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pipelines.rerank import teacher_quality  # noqa: E402
+
+
+def stage_dir(arg: str) -> Path:
+    p = Path(arg)
+    if (p / "teacher_scores.jsonl").exists():
+        return p
+    exp = REPO / "outputs" / "experiments" / f"{arg}.json"
+    if exp.exists():
+        summary = json.loads(Path(json.loads(exp.read_text())["summary"]).read_text())
+        d = (summary["stages"].get("rerank") or {}).get("dir")
+        if d:
+            return Path(d)
+        raise SystemExit(f"error: experiment '{arg}' has no rerank stage ({exp})")
+    raise SystemExit(f"error: {arg} is neither a rerank stage directory (no teacher_scores.jsonl) nor an "
+                     f"experiment name in {exp.parent}")
+
+
+def train_positives(manifest: dict, data_dir: str | None) -> dict[str, set[str]]:
+    """Judged-relevant train passages per query, from ``<data_dir or $DRLAB_DATA_DIR/<name>>/qrels``."""
+    import os
+
+    from pipelines.data import read_qrels
+
+    data = manifest["reads"]["data"]
+    root = Path(data_dir) if data_dir else Path(os.environ.get("DRLAB_DATA_DIR", REPO / "data")) / data["name"]
+    path = root / "qrels" / f"{data.get('train_split') or 'train'}.tsv"
+    if not path.exists():
+        raise SystemExit(f"error: {path} does not exist. Fix: --data-dir /path/to/{data['name']} or set DRLAB_DATA_DIR")
+    return {q: {d for d, r in docs.items() if r > 0} for q, docs in read_qrels(path).items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("stages", nargs="+", help="rerank stage directories or experiment names")
+    ap.add_argument("--data-dir", help="the BEIR dataset folder (default: from the manifest / DRLAB_DATA_DIR)")
+    args = ap.parse_args(argv)
+    for arg in args.stages:
+        d = stage_dir(arg)
+        manifest = json.loads((d / "manifest.json").read_text())
+        pos = train_positives(manifest, args.data_dir)
+        scores = {}
+        with open(d / "teacher_scores.jsonl", encoding="utf-8") as fh:
+            for line in fh:
+                o = json.loads(line)
+                scores[o["qid"]] = o["scores"]
+        print(json.dumps({"stage": d.name, "queries": len(scores), **teacher_quality(scores, pos)}))
+
+
+if __name__ == "__main__":
+    main()
