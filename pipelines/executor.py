@@ -167,23 +167,14 @@ def resolved_reads(stage: Stage, cfg: DictConfig) -> dict[str, Any]:
         if read is None:
             raise ValueError(f"stage '{stage.name}': added option '{dotted}' is not under one of its reads {stage.reads}")
         *parents, leaf = dotted[len(read) + 1 :].split(".")
-        node = reads[read]
+        value = json.loads(json.dumps(reads[read]))  # a copy: the caller's containers stay as they are
+        node = value
         for part in parents:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and leaf in node and node[leaf] == old_behaviour:
-            node = dict(node)  # never edit the caller's containers in place
             del node[leaf]
-            reads[read] = _replace_at(reads[read], parents, node)
+            reads[read] = value
     return reads
-
-
-def _replace_at(tree: Any, path: list[str], value: Any) -> Any:
-    """A copy of the nested dict ``tree`` with ``tree[path[0]]...[path[-1]] = value``."""
-    if not path:
-        return value
-    out = dict(tree)
-    out[path[0]] = _replace_at(tree[path[0]], path[1:], value)
-    return out
 
 
 def stage_key(stage: Stage, cfg: DictConfig, upstream_keys: list[str]) -> str:

@@ -6,7 +6,7 @@ Reads ``teacher_scores.jsonl`` and the dataset's train qrels (from the stage's m
 per stage, ``pipelines.rerank.teacher_quality``: top-1-is-positive next to its chance rate, and the
 mean per-query AUC of positives against the other candidates (0.5 = chance). New rerank runs
 record the same numbers in their metrics (``train_auc``, ...); this reads runs made before that.
-An experiment name takes the rerank stage of that experiment's newest run.
+A run directory, summary.json or experiment name takes that run's rerank stage.
 """
 
 from __future__ import annotations
@@ -19,22 +19,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(REPO / "scripts"))
+
+from compare import find_summary  # noqa: E402
+
 from pipelines.rerank import teacher_quality  # noqa: E402
 
 
 def stage_dir(arg: str) -> Path:
-    p = Path(arg)
-    if (p / "teacher_scores.jsonl").exists():
-        return p
-    exp = REPO / "outputs" / "experiments" / f"{arg}.json"
-    if exp.exists():
-        summary = json.loads(Path(json.loads(exp.read_text())["summary"]).read_text())
-        d = (summary["stages"].get("rerank") or {}).get("dir")
-        if d:
-            return Path(d)
-        raise SystemExit(f"error: experiment '{arg}' has no rerank stage ({exp})")
-    raise SystemExit(f"error: {arg} is neither a rerank stage directory (no teacher_scores.jsonl) nor an "
-                     f"experiment name in {exp.parent}")
+    """A rerank stage directory as given, or the rerank stage of a run / summary / experiment (compare.py's lookup)."""
+    if (Path(arg) / "teacher_scores.jsonl").exists():
+        return Path(arg)
+    summary = json.loads(find_summary(arg, REPO / "outputs").read_text())
+    d = (summary["stages"].get("rerank") or {}).get("dir")
+    if not d:
+        raise SystemExit(f"error: '{arg}' has no rerank stage")
+    return Path(d)
 
 
 def train_positives(manifest: dict, data_dir: str | None) -> dict[str, set[str]]:
