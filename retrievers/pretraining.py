@@ -7,6 +7,12 @@
 * :func:`tokenize_batch` -- passages to ids with special tokens, truncated to ``max_len``.
 * :func:`special_mask` -- True at [CLS] / [SEP] / [PAD] (never masked or replaced).
 * :func:`extended_mask` -- an additive attention mask for calling BERT layers directly.
+* :func:`mlm_head` / :func:`head_loss` -- the vocabulary head applied only at the positions a
+  loss reads (gathering hidden states first: a [tokens, vocab] logits tensor is the largest
+  thing these objectives build, so pads and unscored positions never get one).
+* :func:`sample_tokens` -- one token per row of logits by inverse-CDF sampling (a cumulative
+  sum and a binary search; ``torch.distributions.Categorical`` draws an exponential per
+  vocabulary entry, 1.2 s of an 8.8 s SimLM step on 2 cores).
 * :class:`NoPretraining` -- no steps: the given (or random) init, saved like a pre-trained one.
 """
 
@@ -62,11 +68,33 @@ def extended_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     return (1.0 - m) * torch.finfo(dtype).min
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of ``logits`` against ``labels`` at the positions ``where`` is True."""
+def mlm_head(mlm: nn.Module) -> nn.Module:
+    """The module of a ``*ForMaskedLM`` that maps hidden states to vocabulary logits."""
+    for name in ("cls", "lm_head"):  # BERT-like, RoBERTa-like
+        if hasattr(mlm, name):
+            return getattr(mlm, name)
+    raise TypeError(f"{type(mlm).__name__} has no MLM head this code knows (looked for .cls and .lm_head)")
+
+
+def head_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``head(hidden)`` against ``labels`` at the positions ``where`` is True.
+
+    The head runs only at those positions: the same loss as applying it everywhere and
+    indexing the logits, without the other positions' logits or the [B, L, V] gather and
+    scatter (in fp32, also under bf16 autocast).
+    """
     if not where.any():
-        return logits.sum() * 0.0
-    return nn.functional.cross_entropy(logits[where], labels[where])
+        return hidden.sum() * 0.0
+    logits = head(hidden[where])
+    return nn.functional.cross_entropy(logits.float(), labels[where])
+
+
+def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of ``logits`` [N, V], drawn from softmax(logits) (inverse CDF)."""
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=logits.shape[-1] - 1)
 
 
 class NoPretraining(nn.Module):

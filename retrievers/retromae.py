@@ -84,7 +84,7 @@ class RetroMAEPretrainer(nn.Module):
         return ~see
 
     def decoder_loss(self, h: torch.Tensor, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        from retrievers.pretraining import lm_loss
+        from retrievers.pretraining import head_loss, mlm_head
 
         dec_ids, _ = self._mask(ids, attn, self.dec_rate)
         emb = self.encoder.embeddings
@@ -94,18 +94,17 @@ class RetroMAEPretrainer(nn.Module):
         content = torch.cat([h[:, None, :], words[:, 1:]], dim=1) + pos
         content = emb.LayerNorm(content) if hasattr(emb, "LayerNorm") else content
         x = self.decoder(query, content, self.visibility(attn))
-        logits = self.mlm.cls(x) if hasattr(self.mlm, "cls") else self.mlm.get_output_embeddings()(x)
-        return lm_loss(logits, ids, attn.bool())
+        return head_loss(mlm_head(self.mlm), x, ids, attn.bool())
 
     def loss(self, texts):
-        from retrievers.pretraining import lm_loss, tokenize_batch
+        from retrievers.pretraining import head_loss, mlm_head, tokenize_batch
 
         b = tokenize_batch(self.tokenizer, texts, self.max_len)
         dev = next(self.parameters()).device
         ids, attn = b["input_ids"].to(dev), b["attention_mask"].to(dev)
         enc_ids, enc_m = self._mask(ids, attn, self.enc_rate)
         out = self.encoder(input_ids=enc_ids, attention_mask=attn, return_dict=True)
-        l_enc = lm_loss(self.mlm.cls(out.last_hidden_state), ids, enc_m)
+        l_enc = head_loss(mlm_head(self.mlm), out.last_hidden_state, ids, enc_m)
         l_dec = self.decoder_loss(out.last_hidden_state[:, 0], ids, attn)
         return l_enc + l_dec, {"enc": l_enc.item(), "dec": l_dec.item(), "tokens": int(attn.sum())}
 

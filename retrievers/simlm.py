@@ -116,7 +116,7 @@ class SimLMPretrainer(nn.Module):
     # ------------------------------------------------------------------ parts
     def corrupt(self, ids: torch.Tensor, attn: torch.Tensor):
         """(encoder ids, decoder ids, encoder mask, decoder mask, generator MLM loss or None)."""
-        from retrievers.pretraining import lm_loss, special_mask
+        from retrievers.pretraining import base_of, mlm_head, sample_tokens, special_mask
 
         cand = ~special_mask(self.tokenizer, ids) & attn.bool()
         u = torch.rand(ids.shape, device=ids.device)
@@ -125,18 +125,18 @@ class SimLMPretrainer(nn.Module):
         gen_in = ids.masked_fill(dec_m, self.tokenizer.mask_token_id)
         joint = self.generator_kind == "joint"
         with torch.set_grad_enabled(joint and self.training):
-            logits = self.generator(input_ids=gen_in, attention_mask=attn).logits
-        gen_loss = lm_loss(logits, ids, dec_m) if joint else None
-        with torch.no_grad():
-            sampled = torch.distributions.Categorical(logits=logits[dec_m].detach().float()).sample()
+            hidden = base_of(self.generator)(input_ids=gen_in, attention_mask=attn).last_hidden_state
+            logits = mlm_head(self.generator)(hidden[dec_m])  # only the masked positions are sampled / scored
+        gen_loss = nn.functional.cross_entropy(logits.float(), ids[dec_m]) if joint and dec_m.any() else None
         replaced = ids.clone()
-        replaced[dec_m] = sampled
+        if dec_m.any():
+            replaced[dec_m] = sample_tokens(logits)
         return torch.where(enc_m, replaced, ids), torch.where(dec_m, replaced, ids), enc_m, dec_m, gen_loss
 
     def decoder_loss(self, enc_hidden: torch.Tensor, dec_ids: torch.Tensor, attn: torch.Tensor,
                      labels: torch.Tensor) -> torch.Tensor:
         """The decoder's replaced-LM loss; it reads only ``enc_hidden[:, 0]`` (the [CLS] bottleneck)."""
-        from retrievers.pretraining import extended_mask, lm_loss
+        from retrievers.pretraining import extended_mask, head_loss, mlm_head
 
         emb = self.encoder.embeddings(input_ids=dec_ids)
         x = torch.cat([enc_hidden[:, :1], emb[:, 1:]], dim=1)
@@ -144,19 +144,17 @@ class SimLMPretrainer(nn.Module):
         for layer in self.decoder:
             x = layer(x, attention_mask=ext)
             x = x[0] if isinstance(x, tuple) else x
-        logits = self.mlm.cls(x) if hasattr(self.mlm, "cls") else self.mlm.get_output_embeddings()(x)
-        return lm_loss(logits, labels, attn.bool())
+        return head_loss(mlm_head(self.mlm), x, labels, attn.bool())
 
     def loss(self, texts):
-        from retrievers.pretraining import lm_loss, tokenize_batch
+        from retrievers.pretraining import head_loss, mlm_head, tokenize_batch
 
         b = tokenize_batch(self.tokenizer, texts, self.max_len)
         dev = next(self.parameters()).device
         ids, attn = b["input_ids"].to(dev), b["attention_mask"].to(dev)
         enc_ids, dec_ids, _, _, gen_loss = self.corrupt(ids, attn)
         out = self.encoder(input_ids=enc_ids, attention_mask=attn, return_dict=True)
-        enc_logits = self.mlm.cls(out.last_hidden_state)
-        l_enc = lm_loss(enc_logits, ids, attn.bool())
+        l_enc = head_loss(mlm_head(self.mlm), out.last_hidden_state, ids, attn.bool())
         l_dec = self.decoder_loss(out.last_hidden_state, dec_ids, attn, ids)
         loss = l_enc + l_dec + (gen_loss if gen_loss is not None else 0.0)
         logs = {"enc": l_enc.item(), "dec": l_dec.item(), "tokens": int(attn.sum())}

@@ -293,3 +293,64 @@ def test_no_pretraining_row_runs_no_step(tmp_path, ckpt):
                                    "intermediate_size": 32}, tasks=["ict"], seed=0)  # a family's extra keys ignored
     hist, steps, _ = pt.pretrain_loop(m, TEXTS, {"max_steps": 5}, 0, tmp_path / "w", "cpu", progress=False)
     assert steps == 0 and hist == []
+
+
+# --------------------------------------------------------------------------- speed-ups and precision
+
+
+def test_head_loss_equals_the_loss_on_full_logits(ckpt):
+    """Running the vocabulary head only where the loss reads gives the loss of the full logits."""
+    from retrievers.pretraining import head_loss, load_mlm, mlm_head
+
+    mlm, tok = load_mlm(str(ckpt), seed=0)
+    b = tok(TEXTS[:3], padding=True, return_tensors="pt")
+    torch.manual_seed(0)
+    hidden = torch.randn(*b["input_ids"].shape, mlm.config.hidden_size)
+    where = b["attention_mask"].bool() & (torch.rand(b["input_ids"].shape) < 0.5)
+    full = mlm_head(mlm)(hidden)
+    expected = torch.nn.functional.cross_entropy(full[where], b["input_ids"][where])
+    assert torch.allclose(head_loss(mlm_head(mlm), hidden, b["input_ids"], where), expected, atol=1e-5)
+    none = head_loss(mlm_head(mlm), hidden, b["input_ids"], torch.zeros_like(where))
+    assert none.item() == 0.0
+    with pytest.raises(TypeError, match="no MLM head"):
+        mlm_head(torch.nn.Linear(2, 2))
+
+
+def test_sample_tokens_follows_the_softmax():
+    from retrievers.pretraining import sample_tokens
+
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3])
+    logits = probs.clamp_min(1e-30).log().expand(40000, 4)
+    g = torch.Generator().manual_seed(0)
+    freq = torch.bincount(sample_tokens(logits, generator=g), minlength=4).float() / 40000
+    assert freq[1] == 0  # a zero-probability token is never drawn
+    assert torch.allclose(freq, probs, atol=0.01)
+    peaked = torch.full((5, 7), -1e4)
+    peaked[torch.arange(5), torch.tensor([0, 6, 3, 3, 1])] = 0.0
+    assert sample_tokens(peaked).tolist() == [0, 6, 3, 3, 1]
+
+
+def test_pretrain_precision_bf16_trains_and_keeps_old_keys(tmp_path, ckpt):
+    """bf16 autocast runs; precision=fp32 (the behaviour before the option existed) keeps the
+    pretrain keys of finished runs, bf16 gets its own; an unknown value names the choices."""
+    import pipelines.pretrain as pt
+    from pipelines import all_stages
+    from pipelines.executor import ConfigError, plan
+    from retrievers.simlm import SimLMPretrainer
+
+    m = SimLMPretrainer(str(ckpt), generator="joint", seed=0)
+    hist, steps, _ = pt.pretrain_loop(m, TEXTS, {"max_steps": 2, "batch_size": 4, "precision": "bf16", "log_every": 1},
+                                      0, tmp_path / "w", "cpu", progress=False)
+    assert steps == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in hist)
+    with pytest.raises(ConfigError, match="fp32, bf16"):
+        pt.pretrain_loop(m, TEXTS, {"max_steps": 1, "precision": "fp16"}, 0, tmp_path / "w2", "cpu", progress=False)
+
+    make_tiny_beir(tmp_path / "data" / "tiny")
+
+    def key(*extra):
+        cfg = compose(_overrides(tmp_path, ckpt, "simlm", "data.train_split=test", *extra), tmp_path)
+        return {i.stage: i.key for i in plan(cfg, all_stages(), "all", [], tmp_path / "outputs" / "cache")}["pretrain"]
+
+    before = key("~pipeline.pretrain.precision")
+    assert key("pipeline.pretrain.precision=fp32") == before
+    assert key("pipeline.pretrain.precision=bf16") != before
