@@ -68,6 +68,27 @@ class Stage:
     added_options: tuple[tuple[str, Any], ...] = ()
 
 
+class _AnyValue:
+    """An ``added_options`` value that matches every value: the option never enters the key."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "ANY_VALUE"
+
+
+ANY_VALUE = _AnyValue()
+
+#: options added to ``model.pretrain`` after results were cached. Stages that read the whole
+#: ``model`` node (retriever1 ... eval) see a pre-training change through the pretrain stage's key
+#: in their ``upstream``, so these stay out of their own keys whatever their value.
+PRETRAIN_METHOD_OPTIONS: tuple[tuple[str, Any], ...] = (("model.pretrain.loss_on_special", ANY_VALUE),)
+
+
 @dataclass
 class Context:
     """What a running stage may see: its own config reads, runtime knobs, its dirs."""
@@ -162,7 +183,8 @@ def resolved_reads(stage: Stage, cfg: DictConfig) -> dict[str, Any]:
                     _FP_CACHE[ck] = data_fingerprint(path)
                 value["fingerprint"] = _FP_CACHE[ck]
         reads[r] = value
-    for dotted, old_behaviour in stage.added_options:
+    options = stage.added_options + (PRETRAIN_METHOD_OPTIONS if "model" in stage.reads else ())
+    for dotted, old_behaviour in options:
         read = next((r for r in stage.reads if dotted.startswith(r + ".")), None)
         if read is None:
             raise ValueError(f"stage '{stage.name}': added option '{dotted}' is not under one of its reads {stage.reads}")

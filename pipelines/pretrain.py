@@ -216,4 +216,4 @@ def run(ctx: Context) -> dict[str, float]:
 # writes, and reading them would pre-train again for the zero-shot and the fine-tuned chain of the same method.
 STAGE = Stage(name="pretrain", version="1",
               reads=("data", "model.name", "model.encoder", "model.pretrain", "pipeline.pretrain", "seed"), run=run,
-              added_options=(("pipeline.pretrain.precision", "fp32"),))
+              added_options=(("pipeline.pretrain.precision", "fp32"), ("model.pretrain.loss_on_special", True)))

@@ -10,7 +10,9 @@
   ...]`` built from an aggressively masked copy of the input (``dec_rate``, 50-70%). Row ``i``
   of the mask lets position ``i`` see the sentence embedding (position 0) and a random subset
   (each other real position with probability ``dec_visible``) of the content stream, never
-  itself. The decoder reconstructs *every* original token from this; ``L = L_enc + L_dec``.
+  itself. The decoder reconstructs *every* original text token from this ([CLS] / [SEP] only
+  with ``loss_on_special``: row 0's label is always [CLS], a pull of ``h`` towards a constant);
+  ``L = L_enc + L_dec``.
   The decoder is dropped after pre-training.
 
 What differs: the decoder layer is a plain post-LN transformer layer (attention
@@ -56,7 +58,7 @@ class EnhancedDecoderLayer(nn.Module):
 class RetroMAEPretrainer(nn.Module):
     def __init__(self, checkpoint: str, init_config: dict | None = None, enc_rate: float = 0.3,
                  dec_rate: float = 0.5, dec_visible: float = 0.5, max_len: int = 144,
-                 local_dirs: dict | None = None, seed: int = 0):
+                 loss_on_special: bool = False, local_dirs: dict | None = None, seed: int = 0):
         super().__init__()
         from retrievers.pretraining import base_of, load_mlm
 
@@ -65,6 +67,7 @@ class RetroMAEPretrainer(nn.Module):
         c = self.mlm.config
         self.decoder = EnhancedDecoderLayer(c.hidden_size, c.num_attention_heads, c.intermediate_size)
         self.enc_rate, self.dec_rate, self.dec_visible, self.max_len = enc_rate, dec_rate, dec_visible, max_len
+        self.loss_on_special = bool(loss_on_special)
 
     def _mask(self, ids, attn, rate):
         from retrievers.pretraining import special_mask
@@ -84,7 +87,7 @@ class RetroMAEPretrainer(nn.Module):
         return ~see
 
     def decoder_loss(self, h: torch.Tensor, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        from retrievers.pretraining import head_loss, mlm_head
+        from retrievers.pretraining import head_loss, mlm_head, special_mask
 
         dec_ids, _ = self._mask(ids, attn, self.dec_rate)
         emb = self.encoder.embeddings
@@ -94,7 +97,8 @@ class RetroMAEPretrainer(nn.Module):
         content = torch.cat([h[:, None, :], words[:, 1:]], dim=1) + pos
         content = emb.LayerNorm(content) if hasattr(emb, "LayerNorm") else content
         x = self.decoder(query, content, self.visibility(attn))
-        return head_loss(mlm_head(self.mlm), x, ids, attn.bool())
+        where = attn.bool() if self.loss_on_special else attn.bool() & ~special_mask(self.tokenizer, ids)
+        return head_loss(mlm_head(self.mlm), x, ids, where)
 
     def loss(self, texts):
         from retrievers.pretraining import head_loss, mlm_head, tokenize_batch
@@ -112,7 +116,8 @@ class RetroMAEPretrainer(nn.Module):
         return self.encoder
 
     def describe(self) -> dict:
-        return {"enc_rate": self.enc_rate, "dec_rate": self.dec_rate, "dec_visible": self.dec_visible}
+        return {"enc_rate": self.enc_rate, "dec_rate": self.dec_rate, "dec_visible": self.dec_visible,
+                "loss_on_special": self.loss_on_special}
 
 
 def pretrainer(**kw) -> RetroMAEPretrainer:
