@@ -354,3 +354,55 @@ def test_pretrain_precision_bf16_trains_and_keeps_old_keys(tmp_path, ckpt):
     before = key("~pipeline.pretrain.precision")
     assert key("pipeline.pretrain.precision=fp32") == before
     assert key("pipeline.pretrain.precision=bf16") != before
+
+
+def test_replaced_lm_losses_do_not_score_cls_and_sep(ckpt):
+    """Position 0's label is always [CLS]: scoring it pulls the bottleneck to a constant vector.
+    By default neither SimLM's decoder nor RetroMAE's scores [CLS] / [SEP]; loss_on_special=True does."""
+    import retrievers.pretraining as ptr
+    from retrievers.retromae import RetroMAEPretrainer
+    from retrievers.simlm import SimLMPretrainer
+
+    m = SimLMPretrainer(str(ckpt), generator="random", seed=0).eval()
+    ids, attn = _batch(m)
+    scored = m.scored(ids, attn)
+    assert not scored[:, 0].any() and not (scored & (ids == m.tokenizer.sep_token_id)).any()
+    assert int(scored.sum()) == int(attn.sum()) - 2 * ids.shape[0]  # every other real token is scored
+    m.loss_on_special = True
+    assert torch.equal(m.scored(ids, attn), attn.bool())
+
+    seen = []
+    real = ptr.head_loss
+    try:
+        ptr.head_loss = lambda head, x, labels, where: seen.append(where.clone()) or real(head, x, labels, where)
+        m.loss_on_special = False
+        m.loss(TEXTS[:4])  # encoder and decoder losses
+        assert len(seen) == 2 and not any(w[:, 0].any() for w in seen)
+        seen.clear()
+        r = RetroMAEPretrainer(str(ckpt), seed=0)
+        r.decoder_loss(torch.randn(ids.shape[0], r.mlm.config.hidden_size), ids, attn)
+        r.loss_on_special = True
+        r.decoder_loss(torch.randn(ids.shape[0], r.mlm.config.hidden_size), ids, attn)
+    finally:
+        ptr.head_loss = real
+    assert not seen[0][:, 0].any() and seen[1][:, 0].all()
+    assert int(seen[1].sum() - seen[0].sum()) == 2 * ids.shape[0]  # one [CLS] and one [SEP] per passage
+
+
+def test_a_pretrain_method_option_changes_only_the_pretrain_key(tmp_path, ckpt):
+    """Later stages read the whole model node; a model.pretrain option added later reaches them
+    through the pretrain key (their upstream), not through their own reads."""
+    from pipelines import all_stages
+    from pipelines.executor import plan
+
+    make_tiny_beir(tmp_path / "data" / "tiny")
+
+    def keys(*extra):
+        cfg = compose(_overrides(tmp_path, ckpt, "simlm", "data.train_split=test", *extra), tmp_path)
+        return {i.stage: i.key for i in plan(cfg, all_stages(), "all", [], tmp_path / "outputs" / "cache")}
+
+    on, off = keys("model.pretrain.loss_on_special=true"), keys("model.pretrain.loss_on_special=false")
+    assert on["pretrain"] != off["pretrain"] and on["retriever1"] != off["retriever1"]  # via upstream
+    no_pt = {v: keys(f"model.pretrain.loss_on_special={v}", "pipeline.pretrain.enabled=false") for v in ("true", "false")}
+    assert no_pt["true"]["retriever1"] == no_pt["false"]["retriever1"]  # pre-training off: nothing changes
+    assert no_pt["true"]["eval"] == no_pt["false"]["eval"]
