@@ -97,10 +97,17 @@ def init_distributed_from_env(cfg: DictConfig) -> int:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dev = str(cfg.runtime.device)
-        cuda = torch.cuda.is_available() and dev in ("auto", "cuda") or dev.startswith("cuda")
+        from retrievers.encoder import resolve_device
+
+        cuda = resolve_device(str(cfg.runtime.device)).type == "cuda"
         if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            if local_rank >= torch.cuda.device_count():
+                raise RuntimeError(
+                    f"runtime.device={cfg.runtime.device}: local rank {local_rank} has no GPU "
+                    f"({torch.cuda.device_count()} visible); lower --nproc_per_node or use runtime.device=cpu"
+                )
+            torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     return dist.get_rank()
 

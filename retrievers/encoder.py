@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -385,6 +386,22 @@ def latest_checkpoint(upstream: dict[str, Path]) -> Path | None:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """``auto``: CUDA when available and every local ``torchrun`` rank gets a GPU of its own, else the CPU.
+
+    More local ranks than GPUs (``torchrun --nproc_per_node 2`` on a 1-GPU machine) would make
+    rank 1 call ``torch.cuda.set_device(1)`` ("invalid device ordinal"), and NCCL refuses two
+    ranks on one GPU anyway: those runs go to the CPU (gloo), on every rank alike.
+    """
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if local_world > torch.cuda.device_count():
+            log.warning(
+                "runtime.device=auto: %d local ranks but %d GPU(s); using the CPU (gloo). "
+                "Set runtime.device=cuda with --nproc_per_node <= the GPU count to train on GPUs.",
+                local_world, torch.cuda.device_count(),
+            )
+            return torch.device("cpu")
+        return torch.device("cuda")
     return torch.device(device)

@@ -28,7 +28,7 @@ def test_torchrun_two_ranks_equals_single_process(tmp_path: Path):
     model = make_tiny_bert(tmp_path / "model", tiny_texts(data))
     common = [
         "run.py", "model=pretrained", f"model.checkpoint={model}", "data=beir", "data.name=tiny",
-        f"paths.data_dir={tmp_path / 'data'}", "runtime.threads=1",
+        f"paths.data_dir={tmp_path / 'data'}", "runtime.threads=1", "runtime.device=cpu",
     ]
     dist = _run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
@@ -58,7 +58,7 @@ def test_torchrun_dpr_chain_trains_on_two_ranks(tmp_path: Path):
     res = _run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
          "run.py", "model=dpr", f"model.checkpoint={model}", "data=beir", "data.name=tiny", "data.train_split=train",
-         f"paths.data_dir={tmp_path / 'data'}", f"paths.output_dir={tmp_path / 'out'}", "runtime.threads=1",
+         f"paths.data_dir={tmp_path / 'data'}", f"paths.output_dir={tmp_path / 'out'}", "runtime.threads=1", "runtime.device=cpu",
          "pipeline.retriever1.max_steps=3", "pipeline.retriever1.batch_size=2", "pipeline.bm25.hits=10"],
         tmp_path,
     )
