@@ -137,3 +137,21 @@ def test_torchrun_runs_the_stage_on_two_ranks(tmp_path):
     stats = json.loads((manifest.parent / "train_stats.json").read_text())
     assert stats["world_size"] == 2
     assert proc.stdout.count("summary: ") == 1  # only rank 0 reports
+
+
+def test_auto_device_falls_back_to_cpu_with_more_local_ranks_than_gpus(monkeypatch, caplog):
+    """torchrun --nproc_per_node 2 on a 1-GPU machine: 'auto' must not hand rank 1 a GPU that does
+    not exist (seen on a lent H100: 'invalid device ordinal'); it trains on the CPU, every rank alike."""
+    from retrievers.encoder import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert resolve_device("auto").type == "cuda"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with caplog.at_level("WARNING", logger="drlab"):
+        assert resolve_device("auto").type == "cpu"
+    assert "2 local ranks but 1 GPU" in caplog.text
+    assert resolve_device("cuda:0").type == "cuda"  # an explicit device is taken as given
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
