@@ -10,9 +10,8 @@
   ...]`` built from an aggressively masked copy of the input (``dec_rate``, 50-70%). Row ``i``
   of the mask lets position ``i`` see the sentence embedding (position 0) and a random subset
   (each other real position with probability ``dec_visible``) of the content stream, never
-  itself. The decoder reconstructs *every* original text token from this ([CLS] / [SEP] only
-  with ``loss_on_special``: row 0's label is always [CLS], a pull of ``h`` towards a constant);
-  ``L = L_enc + L_dec``.
+  itself. The decoder reconstructs *every* original text token from this ([CLS] / [SEP], whose
+  labels are constant, only with ``loss_on_special``); ``L = L_enc + L_dec``.
   The decoder is dropped after pre-training.
 
 What differs: the decoder layer is a plain post-LN transformer layer (attention

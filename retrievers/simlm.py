@@ -50,11 +50,11 @@ class SimLMPretrainer(nn.Module):
       by a token sampled from its distribution; the encoder input carries the replacements at
       its positions, the decoder input at its (larger) set -- same sampled token where both.
     * **Encoder** (the model being pre-trained) predicts the original token at *every*
-      text position (replaced LM). [CLS] and [SEP] are not scored (``loss_on_special=False``):
-      position 0's label is always [CLS], and scoring it pulls the [CLS] bottleneck towards one
-      constant vector. With ``loss_on_special=True`` (the first version here) a small BERT
-      pre-trained 275 steps gave [CLS] vectors of mean pairwise cosine 0.997 on SciFact, and
-      fine-tuning from them stalled (loss 4.14 -> 3.17, ln 64 = 4.16; test nDCG@10 0.014).
+      text position (replaced LM). [CLS] and [SEP] are not scored (``loss_on_special=False``,
+      as MLM recipes leave special tokens out): their labels are constant, position 0's is always
+      [CLS]. ``loss_on_special=True`` scores them (the first version here). Measured on a small
+      random-init BERT after 275 steps, either way: the [CLS] vectors are near-constant (mean
+      pairwise cosine 0.997 / 0.998 on SciFact); the README's pre-training section says why.
     * **Decoder**: ``decoder_layers`` (2) BERT layers initialised from the encoder's last
       ones; its input is the decoder-corrupted sequence's embeddings with position 0 replaced
       by the encoder's [CLS] vector -- the only path from encoder to decoder (no skip
