@@ -19,6 +19,9 @@ and ``train_log.jsonl`` with loss parts and passages/s and tokens/s. ``precision
 the forward pass under bf16 autocast (weights and optimiser stay fp32; on CPUs with AMX, as
 here, the vocabulary heads of SimLM / RetroMAE run about 1.5x faster).
 
+Also records ``doc_mean_cosine`` (mean pairwise cosine of 256 passages' vectors, with a
+warning above 0.95: a collapsed representation that fine-tuning may not undo).
+
 Writes ``backbone/`` (the pre-trained encoder as a plain Hugging Face ``AutoModel`` directory;
 decoders, generators and momentum encoders are dropped) and ``checkpoint/`` (the family's
 bi-encoder built on it: what ``retriever1``, or ``index`` for unsupervised families, starts
@@ -80,6 +83,23 @@ def corpus_texts(data: dict, extra: list[str], metadata: bool = False) -> tuple[
                 if metadata:
                     docs.append({**doc, "metadata": meta.get(did, {})})
     return texts, docs
+
+
+def embedding_spread(encoder, texts: list[str], n: int = 256, seed: int = 0) -> float:
+    """Mean pairwise cosine of the encoder's document vectors for ``n`` sampled passages.
+
+    Near 1 means every passage gets almost the same vector (a collapsed representation):
+    contrastive fine-tuning then starts at a near-uniform softmax and may stall. A short
+    MLM-style pre-training of a random-init BERT ends there (README, section Pre-training).
+    """
+    if len(texts) < 2:
+        return float("nan")
+    idx = np.random.default_rng(int(seed)).choice(len(texts), size=min(int(n), len(texts)), replace=False)
+    v = encoder.encode([texts[i] for i in idx], "doc", batch_size=64, progress=False)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    sims = v @ v.T
+    k = len(v)
+    return float((sims.sum() - np.trace(sims)) / (k * (k - 1)))
 
 
 def pretrain_loop(method, texts: list[str], p: dict, seed: int, work: Path, device, progress: bool = True,
@@ -199,13 +219,21 @@ def run(ctx: Context) -> dict[str, float]:
     tokenizer.save_pretrained(ctx.out / "backbone")
     encoder = instantiate_encoder(ctx.cfg.model.encoder, checkpoint=ctx.out / "backbone")
     encoder.save(ctx.out / "checkpoint")
+    spread = round(embedding_spread(encoder, texts, seed=int(ctx.cfg.seed)), 4)
+    log.info("[pretrain] document vectors: mean pairwise cosine %.4f on 256 passages", spread)
+    if spread > 0.95:
+        log.warning("[pretrain] the checkpoint gives almost the same vector to every passage (mean pairwise cosine "
+                    "%.4f > 0.95): fine-tuning from it may stall. Pre-train longer, or check the pooling "
+                    "(model.encoder.pooling)", spread)
     (ctx.out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     if history:
         plot_loss(history, ctx.out / "loss.png", title=f"pretrain ({type(method).__name__}) on {data['name']}")
     stats = {"method": type(method).__name__, "passages": len(texts), "steps": steps, "seconds": round(seconds, 2),
+             "doc_mean_cosine": spread,
              "extra_corpora": p.get("extra_corpora") or [], **getattr(method, "describe", lambda: {})()}
     (ctx.out / "pretrain_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    metrics = {"steps": float(steps), "passages": float(len(texts)), "seconds": round(seconds, 2)}
+    metrics = {"steps": float(steps), "passages": float(len(texts)), "seconds": round(seconds, 2),
+               "doc_mean_cosine": spread}
     if history:
         metrics["final_loss"] = history[-1]["loss"]
         metrics["tokens_per_s"] = round(float(np.mean([r["tokens_per_s"] for r in history])), 1)

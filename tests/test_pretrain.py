@@ -406,3 +406,23 @@ def test_a_pretrain_method_option_changes_only_the_pretrain_key(tmp_path, ckpt):
     no_pt = {v: keys(f"model.pretrain.loss_on_special={v}", "pipeline.pretrain.enabled=false") for v in ("true", "false")}
     assert no_pt["true"]["retriever1"] == no_pt["false"]["retriever1"]  # pre-training off: nothing changes
     assert no_pt["true"]["eval"] == no_pt["false"]["eval"]
+
+
+def test_embedding_spread_flags_a_collapsed_encoder():
+    import numpy as np
+
+    from pipelines.pretrain import embedding_spread
+
+    class Fixed:
+        def __init__(self, vecs):
+            self.vecs = vecs
+
+        def encode(self, texts, side, batch_size=64, progress=False):
+            return self.vecs[[int(t) for t in texts]]
+
+    texts = [str(i) for i in range(50)]
+    same = Fixed(np.tile(np.array([[1.0, 2.0, 3.0]]), (50, 1)) + 1e-4 * np.random.default_rng(0).normal(size=(50, 3)))
+    assert embedding_spread(same, texts, n=20) > 0.999
+    orth = Fixed(np.eye(50))
+    assert abs(embedding_spread(orth, texts, n=20)) < 1e-9  # distinct one-hot vectors: cosine 0
+    assert np.isnan(embedding_spread(orth, texts[:1]))
