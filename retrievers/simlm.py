@@ -122,7 +122,7 @@ class SimLMPretrainer(nn.Module):
     # ------------------------------------------------------------------ parts
     def corrupt(self, ids: torch.Tensor, attn: torch.Tensor):
         """(encoder ids, decoder ids, encoder mask, decoder mask, generator MLM loss or None)."""
-        from retrievers.pretraining import base_of, mlm_head, sample_tokens, special_mask
+        from retrievers.pretraining import masked_logits, sample_tokens, special_mask
 
         cand = ~special_mask(self.tokenizer, ids) & attn.bool()
         u = torch.rand(ids.shape, device=ids.device)
@@ -131,8 +131,7 @@ class SimLMPretrainer(nn.Module):
         gen_in = ids.masked_fill(dec_m, self.tokenizer.mask_token_id)
         joint = self.generator_kind == "joint"
         with torch.set_grad_enabled(joint and self.training):
-            hidden = base_of(self.generator)(input_ids=gen_in, attention_mask=attn).last_hidden_state
-            logits = mlm_head(self.generator)(hidden[dec_m])  # only the masked positions are sampled / scored
+            logits = masked_logits(self.generator, gen_in, attn, dec_m)  # only the masked positions are sampled
         gen_loss = nn.functional.cross_entropy(logits.float(), ids[dec_m]) if joint and dec_m.any() else None
         replaced = ids.clone()
         if dec_m.any():

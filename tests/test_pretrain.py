@@ -426,3 +426,33 @@ def test_embedding_spread_flags_a_collapsed_encoder():
     orth = Fixed(np.eye(50))
     assert abs(embedding_spread(orth, texts, n=20)) < 1e-9  # distinct one-hot vectors: cosine 0
     assert np.isnan(embedding_spread(orth, texts[:1]))
+
+
+def test_masked_logits_equal_the_full_logits_at_those_positions(ckpt):
+    """The generator's logits at the masked positions, with the head run only there, and for an
+    MLM whose head this code does not know (computed everywhere, then indexed)."""
+    from transformers import ElectraConfig, ElectraForMaskedLM
+
+    from retrievers.pretraining import load_mlm, masked_logits
+
+    bert, tok = load_mlm(str(ckpt), seed=0)
+    electra = ElectraForMaskedLM(ElectraConfig(vocab_size=bert.config.vocab_size, embedding_size=8, hidden_size=16,
+                                               num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    b = tok(TEXTS[:3], padding=True, return_tensors="pt")
+    where = b["attention_mask"].bool() & (torch.rand(b["input_ids"].shape, generator=torch.Generator().manual_seed(0)) < 0.5)
+    for mlm in (bert.eval(), electra.eval()):
+        with torch.no_grad():
+            full = mlm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[where]
+            part = masked_logits(mlm, b["input_ids"], b["attention_mask"], where)
+        assert part.shape == full.shape and torch.allclose(part, full, atol=1e-5), type(mlm).__name__
+
+    class Unknown(torch.nn.Module):  # a *ForMaskedLM with a head of another name: indexed full logits
+        def __init__(self):
+            super().__init__()
+            self.inner = electra
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    with torch.no_grad():
+        assert torch.allclose(masked_logits(Unknown(), b["input_ids"], b["attention_mask"], where), full, atol=1e-5)
