@@ -327,9 +327,10 @@ def _stage_view(cfg: DictConfig, stage: Stage) -> DictConfig:
 def release_freed_memory() -> None:
     """Hand memory that earlier stages freed back to the OS (``gc`` + glibc's ``malloc_trim``).
 
-    Without it the allocator keeps freed heap pages, and a stage's peak RSS would include what
-    the stages before it had used: a MiniLM retriever1 measured 10.5 GiB after a SimLM
-    pretrain stage in the same process, 3.9 GiB after none. No-op off glibc.
+    Without it the allocator may keep freed heap pages, and a stage's peak RSS would include
+    what the stages before it had used: a MiniLM retriever1 measured 10.5 GiB after a SimLM
+    pretrain stage in the same process and 3.9 GiB after none (the likely cause; not yet
+    re-measured with the trim). No-op off glibc.
     """
     import ctypes
     import gc
