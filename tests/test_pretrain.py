@@ -253,17 +253,23 @@ def test_simlm_chain_includes_pretrain_and_it_can_be_switched_off(tmp_path, ckpt
     assert items["pretrain"] == "disabled"
 
 
-def test_zero_shot_and_fine_tuned_chains_share_the_pretrain_stage(tmp_path, ckpt):
-    """The pretrain key does not depend on model.chain: the "Contriever zero-shot" row reuses the
-    pre-training of the fine-tuned Contriever row; its method's settings do change the key."""
+def _plan_keys(tmp_path, ckpt, family: str, *extra: str) -> dict[str, str]:
+    """Stage -> key of ``family``'s plan on the tiny dataset (made once per tmp_path)."""
     from pipelines import all_stages
     from pipelines.executor import plan
 
-    make_tiny_beir(tmp_path / "data" / "tiny")
+    if not (tmp_path / "data" / "tiny").exists():
+        make_tiny_beir(tmp_path / "data" / "tiny")
+    cfg = compose(_overrides(tmp_path, ckpt, family, "data.train_split=test", *extra), tmp_path)
+    return {i.stage: i.key for i in plan(cfg, all_stages(), "all", [], tmp_path / "outputs" / "cache")}
+
+
+def test_zero_shot_and_fine_tuned_chains_share_the_pretrain_stage(tmp_path, ckpt):
+    """The pretrain key does not depend on model.chain: the "Contriever zero-shot" row reuses the
+    pre-training of the fine-tuned Contriever row; its method's settings do change the key."""
 
     def key(*extra):
-        cfg = compose(_overrides(tmp_path, ckpt, "contriever", "data.train_split=test", *extra), tmp_path)
-        return {i.stage: i.key for i in plan(cfg, all_stages(), "all", [], tmp_path / "outputs" / "cache")}["pretrain"]
+        return _plan_keys(tmp_path, ckpt, "contriever", *extra)["pretrain"]
 
     fine_tuned = key("model.chain=[bm25,pretrain,retriever1,index,eval]")
     assert key("model.chain=[bm25,pretrain,index,eval]") == fine_tuned
@@ -334,8 +340,7 @@ def test_pretrain_precision_bf16_trains_and_keeps_old_keys(tmp_path, ckpt):
     """bf16 autocast runs; precision=fp32 (the behaviour before the option existed) keeps the
     pretrain keys of finished runs, bf16 gets its own; an unknown value names the choices."""
     import pipelines.pretrain as pt
-    from pipelines import all_stages
-    from pipelines.executor import ConfigError, plan
+    from pipelines.executor import ConfigError
     from retrievers.simlm import SimLMPretrainer
 
     m = SimLMPretrainer(str(ckpt), generator="joint", seed=0)
@@ -345,11 +350,8 @@ def test_pretrain_precision_bf16_trains_and_keeps_old_keys(tmp_path, ckpt):
     with pytest.raises(ConfigError, match="fp32, bf16"):
         pt.pretrain_loop(m, TEXTS, {"max_steps": 1, "precision": "fp16"}, 0, tmp_path / "w2", "cpu", progress=False)
 
-    make_tiny_beir(tmp_path / "data" / "tiny")
-
     def key(*extra):
-        cfg = compose(_overrides(tmp_path, ckpt, "simlm", "data.train_split=test", *extra), tmp_path)
-        return {i.stage: i.key for i in plan(cfg, all_stages(), "all", [], tmp_path / "outputs" / "cache")}["pretrain"]
+        return _plan_keys(tmp_path, ckpt, "simlm", *extra)["pretrain"]
 
     before = key("~pipeline.pretrain.precision")
     assert key("pipeline.pretrain.precision=fp32") == before
@@ -392,14 +394,9 @@ def test_replaced_lm_losses_do_not_score_cls_and_sep(ckpt):
 def test_a_pretrain_method_option_changes_only_the_pretrain_key(tmp_path, ckpt):
     """Later stages read the whole model node; a model.pretrain option added later reaches them
     through the pretrain key (their upstream), not through their own reads."""
-    from pipelines import all_stages
-    from pipelines.executor import plan
-
-    make_tiny_beir(tmp_path / "data" / "tiny")
 
     def keys(*extra):
-        cfg = compose(_overrides(tmp_path, ckpt, "simlm", "data.train_split=test", *extra), tmp_path)
-        return {i.stage: i.key for i in plan(cfg, all_stages(), "all", [], tmp_path / "outputs" / "cache")}
+        return _plan_keys(tmp_path, ckpt, "simlm", *extra)
 
     on, off = keys("model.pretrain.loss_on_special=true"), keys("model.pretrain.loss_on_special=false")
     assert on["pretrain"] != off["pretrain"] and on["retriever1"] != off["retriever1"]  # via upstream
