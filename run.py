@@ -21,13 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipelines.runner import REPO, run_pipeline
 
-GROUPS = ("model", "data", "index", "pipeline", "paths", "hydra", "experiment", "debug", "local")
+GROUPS = ("model", "data", "index", "pipeline", "loss", "teacher", "paths", "hydra", "experiment", "debug", "local")
 
 
 def _user_errors():
-    from pipelines.data import DataError
-    from pipelines.executor import ConfigError
     from retrievers.bm25 import JavaError
+    from retrievers.data import DataError
+    from retrievers.errors import ConfigError
 
     return (ConfigError, DataError, JavaError)
 

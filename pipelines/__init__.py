@@ -1,4 +1,4 @@
-"""dr-lab stages. One file per stage; each defines ``STAGE``. Heavy imports stay inside ``run``."""
+"""dr-lab's runner: the executor, the run records and one thin file per stage (``pipelines/stages/``)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ def all_stages() -> dict[str, Stage]:
     out: dict[str, Stage] = {}
     for name in STAGE_ORDER:
         try:
-            mod = importlib.import_module(f"pipelines.{name}")
+            mod = importlib.import_module(f"pipelines.stages.{name}")
         except ModuleNotFoundError as e:
-            if e.name == f"pipelines.{name}":
+            if e.name == f"pipelines.stages.{name}":
                 continue  # not implemented yet
             raise
         out[name] = mod.STAGE

@@ -17,37 +17,19 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines import all_stages
-from pipelines.data import ensure_available
+from retrievers.data import ensure_available
 from pipelines.executor import PlanItem, execute, format_plan, plan
+from retrievers.data import ensure_available
 
 log = logging.getLogger("drlab")
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def kd_loss_for(teacher_target: str | None) -> str:
-    """pipeline.distill.loss's default: ``tct`` (in-batch KD, TCT-ColBERT) with a ColBERT teacher,
-    whose MaxSim makes every query x passage pair of a batch cheap to score; ``kl`` (SimLM's group
-    KL over teacher-scored candidates) with a cross-encoder."""
-    return "tct" if "colbert" in str(teacher_target or "").lower() else "kl"
-
-
-def kd_negatives_for(loss: str) -> int:
-    """pipeline.distill.n_negatives's default: 0 for ``tct`` (the paper's in-batch KD; HN: 1),
-    7 teacher-scored candidates per group otherwise."""
-    return 0 if str(loss) == "tct" else 7
-
-
 def register_resolvers() -> None:
-    """``${drlab_root:}`` is the repository root (where run.py lives); ``${drlab_kd_loss:<teacher
-    target>}`` and ``${drlab_kd_negatives:<loss>}`` give the distill stage's family defaults, resolved
-    before hashing, so a stage key equals the one of the same values written out."""
+    """``${drlab_root:}``: the repository root (where run.py lives)."""
     if not OmegaConf.has_resolver("drlab_root"):
         OmegaConf.register_new_resolver("drlab_root", lambda: str(REPO))
-    if not OmegaConf.has_resolver("drlab_kd_loss"):
-        OmegaConf.register_new_resolver("drlab_kd_loss", kd_loss_for)
-    if not OmegaConf.has_resolver("drlab_kd_negatives"):
-        OmegaConf.register_new_resolver("drlab_kd_negatives", kd_negatives_for)
 
 
 register_resolvers()

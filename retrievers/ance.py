@@ -14,7 +14,7 @@ refresh, handed to :class:`retrievers.training.Trainer`:
 
 * ``refresh_mode: sync`` (single machine): every ``refresh_every`` optimizer steps the
   trainer stops, re-encodes the corpus with its current weights, rebuilds the FAISS
-  index, re-mines (:class:`pipelines.mine.DenseMiner` -- the index stage's encoding,
+  index, re-mines (:class:`retrievers.mining.DenseMiner` -- the index stage's encoding,
   index and search code) and continues on the new negatives. Deterministic: a resumed
   run replays the same negatives.
 * ``refresh_mode: async`` (the paper's design, for several GPUs): at each refresh step
@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from pipelines.mine import read_negatives, write_negatives
+from retrievers.mining import overlap, read_negatives, write_negatives
 from retrievers.encoder import BiEncoder, build_biencoder
 
 log = logging.getLogger("drlab")
@@ -87,6 +87,49 @@ def build(
     return enc
 
 
+def refresher_for(ds, split: str, encoder, mine_cfg: dict, seed: int, runtime: dict, *, every: int, work: Path,
+                  initial_pool: dict[str, list[str]], mine_run: Path, encoder_cfg: dict, checkpoint: Path | None,
+                  mode: str, device: str | None, max_lag: int | None, doc_max_len: int) -> "AnnRefresher":
+    """The :class:`AnnRefresher` of the retriever2 stage: mines like the mine stage (``mine_cfg``).
+
+    ``mine_run``: the mine stage's train run; the first refresh reports how many of its candidates
+    are new against it (after a resume the comparison is with it again, not with the last
+    refresh before the kill).
+    """
+    from retrievers.encoder import resolve_device
+    from retrievers.evaluation import read_trec, trec_order
+    from retrievers.mining import miner_from_config, window_sets
+
+    miner = miner_from_config(ds, split, encoder, mine_cfg, seed, runtime,
+                              doc_max_len=mine_cfg["doc_max_len"] or doc_max_len)
+    if Path(mine_run).exists():
+        ranked = {q: trec_order(d) for q, d in read_trec(mine_run).items() if q in miner.positives}
+        miner.prev_window = window_sets(ranked, miner.positives, miner.window)
+    return AnnRefresher(
+        miner, every, work, initial_pool=initial_pool, mode=str(mode),
+        encoder_spec=(encoder_cfg, str(checkpoint) if checkpoint else None),
+        device=str(resolve_device(str(device or runtime["device"]))), max_lag=max_lag,
+    )
+
+
+def plot_refresh(recs: list[dict], path) -> None:
+    """Overlap of each refresh's negatives with the previous ones, by step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot([r["step"] for r in recs], [r["overlap_with_previous"] for r in recs], marker="o")
+    ax.set_xlabel("optimizer step of the refresh")
+    ax.set_ylabel("overlap with previous negatives")
+    ax.set_ylim(0, 1)
+    ax.set_title("ANCE refresh")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _head_was_loaded(checkpoint: str) -> bool:
     """True when ``checkpoint`` is a dr-lab checkpoint that carries a trained head."""
     p = Path(str(checkpoint))
@@ -99,7 +142,7 @@ def _head_was_loaded(checkpoint: str) -> bool:
 class AnnRefresher:
     """Re-mines hard negatives with the weights being trained (see the module docstring).
 
-    ``miner``: a :class:`pipelines.mine.DenseMiner`; ``every``: optimizer steps between
+    ``miner``: a :class:`retrievers.mining.DenseMiner`; ``every``: optimizer steps between
     refreshes; ``work_dir``: where ``refresh/`` (negatives files, requests, embeddings)
     and ``refresh_log.jsonl`` live; ``initial_pool``: the negatives training starts on
     (for the overlap of the first refresh); ``mode``: ``sync`` or ``async``;
@@ -152,7 +195,6 @@ class AnnRefresher:
         return self.dir / f"negatives_step{step:07d}.jsonl"
 
     def _adopt(self, requested: int, step: int, seconds: float, negs_path: Path, stats: dict) -> dict[str, list[str]]:
-        from pipelines.mine import overlap
 
         pool = read_negatives(negs_path)
         rec = {

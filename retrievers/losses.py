@@ -82,3 +82,42 @@ def margin_mse(student_group: torch.Tensor, teacher_group: torch.Tensor) -> torc
     s = student_group[:, :1] - student_group[:, 1:]
     t = teacher_group[:, :1] - teacher_group[:, 1:]
     return nn.functional.mse_loss(s, t)
+
+
+# --------------------------------------------------------------------------- the distill stage's `_target_`s
+# conf/loss/*.yaml. ``teacher_input`` says what the teacher gives: ``group`` = the teacher's scores of
+# each query's group (positive first), read from the rerank stage's teacher_scores.jsonl; ``batch`` =
+# the teacher model scores every query x passage pair of the batch on the fly ([N, N*group]).
+
+
+class GroupKL:
+    """SimLM's Retriever_distill: :func:`simlm_loss` (KL over the group + ``alpha`` x InfoNCE)."""
+
+    teacher_input = "group"
+
+    def __init__(self, alpha: float, teacher_temperature: float):
+        self.alpha, self.teacher_temperature = float(alpha), float(teacher_temperature)
+
+    def __call__(self, scores: torch.Tensor, teacher: torch.Tensor, batch) -> torch.Tensor:
+        return simlm_loss(scores, teacher, batch.group, self.alpha, self.teacher_temperature, batch.mask(scores.device))
+
+
+class MarginMSE:
+    """Margin-MSE over each query's group: :func:`margin_mse`."""
+
+    teacher_input = "group"
+
+    def __call__(self, scores: torch.Tensor, teacher: torch.Tensor, batch) -> torch.Tensor:
+        return margin_mse(group_scores(scores, batch.group), teacher)
+
+
+class InBatchKD:
+    """TCT-ColBERT's in-batch KD: :func:`tct_inbatch_kd` against the teacher's [N, N*group] scores."""
+
+    teacher_input = "batch"
+
+    def __init__(self, teacher_temperature: float, gamma: float):
+        self.teacher_temperature, self.gamma = float(teacher_temperature), float(gamma)
+
+    def __call__(self, scores: torch.Tensor, teacher: torch.Tensor, batch) -> torch.Tensor:
+        return tct_inbatch_kd(scores, teacher, self.teacher_temperature, self.gamma, batch.group)

@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
-    from pipelines.data import read_qrels
-    from pipelines.evaluation import read_trec, trec_order
+    from retrievers.data import read_qrels
+    from retrievers.evaluation import read_trec, trec_order
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mine_dir", type=Path)

@@ -16,7 +16,7 @@ index type is built from exactly those vectors with :func:`pipelines.index.build
 
 The eval queries are encoded once with the encoder the index stage recorded
 (``encoder.json``), every index is searched to ``--depth``, and ranx (via
-:func:`pipelines.evaluation.evaluate`) scores the runs against the qrels. Reported per
+:func:`retrievers.evaluation.evaluate`) scores the runs against the qrels. Reported per
 index: recall@100 (and nDCG@10, recall@10), recall relative to Flat, overlap with Flat's
 top-100, size of ``index.faiss``, build seconds, batched search latency (ms/query) and
 single-query latency (median ms). Writes ``outputs/bench/index_<data>.json`` and prints a
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     from omegaconf import OmegaConf
 
     from pipelines import index as ix
-    from pipelines.data import load_dataset
-    from pipelines.evaluation import evaluate
+    from retrievers.data import load_dataset
+    from retrievers.evaluation import evaluate
 
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)

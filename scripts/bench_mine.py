@@ -40,7 +40,7 @@ def child(args) -> dict:
     import numpy as np
     import torch
 
-    from pipelines.data import load_dataset
+    from retrievers.data import load_dataset
     from pipelines.mine import DenseMiner
     from pipelines.retriever1 import train_positives
     from retrievers.encoder import build_biencoder

@@ -25,8 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipelines.data import read_qrels  # noqa: E402
-from pipelines.evaluation import _ranked, read_trec  # noqa: E402
+from retrievers.data import read_qrels  # noqa: E402
+from retrievers.evaluation import _ranked, read_trec  # noqa: E402
 
 
 def find_summary(arg: str, outputs: Path) -> Path:
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> str:
     qrels = read_qrels(qpath)
     queries_file = qpath.parent.parent / "queries.jsonl"
     if queries_file.exists():  # as eval: judgments of queries absent from queries.jsonl are dropped
-        from pipelines.data import read_beir_queries
+        from retrievers.data import read_beir_queries
 
         known = read_beir_queries(queries_file)
         qrels = {q: d for q, d in qrels.items() if q in known}

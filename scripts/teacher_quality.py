@@ -41,7 +41,7 @@ def train_positives(manifest: dict, data_dir: str | None) -> dict[str, set[str]]
     """Judged-relevant train passages per query, from ``<data_dir or $DRLAB_DATA_DIR/<name>>/qrels``."""
     import os
 
-    from pipelines.data import read_qrels
+    from retrievers.data import read_qrels
 
     data = manifest["reads"]["data"]
     root = Path(data_dir) if data_dir else Path(os.environ.get("DRLAB_DATA_DIR", REPO / "data")) / data["name"]

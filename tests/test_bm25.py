@@ -142,7 +142,7 @@ def test_summary_metrics(first_run):
     eval_dir = Path(s["stages"]["eval"]["dir"])
     # the same numbers from trec_eval (pytrec_eval) on the eval stage's run file
     import pytrec_eval
-    from pipelines.evaluation import read_trec
+    from retrievers.evaluation import read_trec
 
     run = read_trec(eval_dir / "runs" / "test.trec")
     ref = pytrec_eval.RelevanceEvaluator(TINY_TEST_QRELS, {"ndcg_cut_10", "recall_100"}).evaluate(run)

@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, REPO, compose
-from pipelines.data import expected_files
+from retrievers.data import expected_files
 from pipelines.executor import STAGE_ORDER, chain_of
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, make_tiny_beir, tiny_data_cfg, write_jsonl, write_qrels
-from pipelines.data import DataError, ensure_available, load_dataset, read_beir_queries, read_qrels
+from retrievers.data import DataError, ensure_available, load_dataset, read_beir_queries, read_qrels
 
 
 def load(root: Path, splits=("test",), **extra):

@@ -196,7 +196,7 @@ def test_rerank_stage_trains_teacher_writes_scores_and_eval_reranks(tmp_path, te
     assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
     m = st["eval"]["metrics"]
     assert "rerank/test/ndcg@10" in m and 0 <= m["rerank/test/ndcg@10"] <= 1
-    from pipelines.evaluation import read_trec, trec_order
+    from retrievers.evaluation import read_trec, trec_order
 
     rr = read_trec(Path(st["eval"]["dir"]) / "runs" / "test.rerank.trec")
     first = read_trec(Path(st["bm25"]["dir"]) / "runs" / "test.trec")

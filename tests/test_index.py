@@ -315,7 +315,7 @@ def test_index_stage_end_to_end(tmp_path, tiny_model):
     enc = build(str(tiny_model))
     q = enc.encode(list(QUERIES.values()), "query", progress=False)
     stored = np.concatenate(shards).astype(np.float32)
-    from pipelines.evaluation import read_trec
+    from retrievers.evaluation import read_trec
 
     run = read_trec(ev / "runs" / "test.trec")
     for qi, qid in enumerate(QUERIES):

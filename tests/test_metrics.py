@@ -1,4 +1,4 @@
-"""pipelines.evaluation against trec_eval (pytrec_eval), including score ties."""
+"""retrievers.evaluation against trec_eval (pytrec_eval), including score ties."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 import pytrec_eval  # dev extra (pytrec-eval-terrier): the trec_eval reference
 
-from pipelines.evaluation import evaluate, read_trec, recall_curve, trec_order, write_trec
+from retrievers.evaluation import evaluate, read_trec, recall_curve, trec_order, write_trec
 
 PYTREC = {"ndcg@10": "ndcg_cut_10", "recall@100": "recall_100", "map": "map", "recall@10": "recall_10"}
 

@@ -66,8 +66,8 @@ def test_scifact_flat_matches_pyserini(scifact_flat):
 
 def test_scifact_flat_equals_trec_eval(scifact_flat):
     import pytrec_eval
-    from pipelines.data import read_qrels
-    from pipelines.evaluation import read_trec
+    from retrievers.data import read_qrels
+    from retrievers.evaluation import read_trec
 
     qrels = read_qrels(DATA / "scifact" / "qrels" / "test.tsv")
     run = read_trec(Path(scifact_flat["stages"]["eval"]["dir"]) / "runs" / "test.trec")
@@ -117,7 +117,7 @@ def test_real_dataset_loads(name, tmp_path):
     """Each shared dataset passes validation (warnings allowed, no errors)."""
     from omegaconf import OmegaConf
 
-    from pipelines.data import load_dataset
+    from retrievers.data import load_dataset
 
     if not (DATA / name).exists():
         pytest.skip(f"{name} not in {DATA}")

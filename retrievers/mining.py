@@ -1,52 +1,32 @@
-"""Stage ``mine``: hard negatives for the train queries from an upstream retriever.
+"""Hard-negative mining: search train queries with a retriever, keep ranked non-positives.
 
-ANCE (Xiong et al., ICLR 2021, "Approximate Nearest Neighbor Negative Contrastive
-Learning for Dense Text Retrieval") and RocketQA / Tevatron / SimLM's ``Retriever2``
-all train a second retriever on negatives retrieved by the first one. This stage:
+ANCE (Xiong et al., ICLR 2021) and RocketQA / Tevatron / SimLM's ``Retriever2`` train a second
+retriever on negatives retrieved by the first. :class:`DenseMiner` encodes a corpus
+(:func:`retrievers.embeddings.encode_corpus`: resumable fp16 shards), indexes it with FAISS,
+searches the train queries to ``depth`` (``search_batch_size`` queries per call, so memory is
+bounded by ``search_batch_size x corpus`` scores) and :func:`select_negatives` keeps the
+non-positive candidates ranked inside ``window: [lo, hi]`` (1-based, inclusive, ranks counted
+*before* positives are removed), sampling ``n_per_query`` with a seeded generator. With teacher
+scores (``{"qid", "scores": {docid: score}}`` lines), a candidate scored >= the query's lowest
+positive minus ``fn_margin`` is dropped (RocketQA's denoising, the positive as reference).
 
-1. encodes the corpus with the newest upstream checkpoint (``retriever1``, ``pretrain``;
-   the family's ``model.encoder`` when the chain has none) using the *index stage's*
-   code (:func:`pipelines.index.encode_corpus`: resumable fp16 shards in the work dir,
-   :func:`pipelines.index.build_index`, :func:`pipelines.index.search`) -- or, with
-   ``source: bm25``, takes the upstream bm25 stage's train run;
-2. searches the train queries to ``depth`` (``search_batch_size`` queries per FAISS call,
-   so memory is bounded by ``search_batch_size x corpus`` scores, never a full
-   query x corpus matrix);
-3. keeps the non-positive candidates ranked inside ``window: [lo, hi]`` (1-based,
-   inclusive; ranks counted *before* positives are removed) and samples ``n_per_query``
-   of them with a seeded generator (``n_per_query: null`` keeps the whole window);
-4. optionally drops likely false negatives: with ``teacher_scores`` (a JSONL file of
-   ``{"qid": ..., "scores": {docid: score}}``, what the ``rerank`` stage writes), a
-   candidate whose teacher score is >= the query's lowest-scored positive minus
-   ``fn_margin`` is removed (RocketQA's denoising, with the positive as reference).
-
-Writes ``negatives.jsonl`` (one line per train query: ``qid``, ``pos`` [ids], ``neg``
-[{id, rank, score}] in rank order), ``runs/<train_split>.trec`` (the full train run,
-what ``retriever2`` and the teachers read) and ``mine_stats.json`` (pool sizes,
-filtered counts, timings, peak RSS).
-
-:class:`DenseMiner` is the same search + selection, callable with any encoder: the
-ANCE refresh (``retrievers/ance.py``) calls it with the weights being trained.
+``negatives.jsonl``: one line per train query, ``qid``, ``pos`` [ids], ``neg`` [{id, rank, score}]
+in rank order. The mine stage, the ANCE refresh and the rerank stage's re-mining all call this.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import resource
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from omegaconf import OmegaConf
 
-from pipelines.executor import ConfigError, Context, Stage
-
-log = logging.getLogger("drlab")
+from retrievers.errors import ConfigError
 
 NEGATIVES_FILE = "negatives.jsonl"
 
@@ -217,7 +197,8 @@ class DenseMiner:
     def search(self, encoder, work_dir: Path) -> dict[str, list[tuple[str, float]]]:
         import torch
 
-        from pipelines.index import build_index, encode_corpus, search
+        from retrievers.embeddings import encode_corpus
+        from retrievers.faiss_index import build_index, search
 
         device = torch.device(self.device)
         encoder.to(device)
@@ -279,13 +260,11 @@ class DenseMiner:
         return ranked, negs, dict(self.last_stats)
 
 
-def miner_from_config(ds, split: str, encoder, p: dict, seed: int, runtime, doc_max_len=None) -> DenseMiner:
+def miner_from_config(ds, split: str, encoder, p: dict, seed: int, runtime: dict, doc_max_len=None) -> DenseMiner:
     """A :class:`DenseMiner` over ``ds``'s corpus and ``split``'s train queries, from ``pipeline.mine``."""
     from retrievers.encoder import resolve_device
 
-    from pipelines.retriever1 import train_positives
-
-    positives = train_positives(ds, split)
+    positives = ds.positives(split)
     doc_ids = list(ds.corpus)
     texts = encoder.doc_texts([ds.corpus[d] for d in doc_ids])
     return DenseMiner(
@@ -293,103 +272,35 @@ def miner_from_config(ds, split: str, encoder, p: dict, seed: int, runtime, doc_
         doc_texts=texts,
         queries={q: ds.queries[q] for q in positives},
         positives=positives,
-        depth=int(p.get("depth", 200)),
-        window=tuple(p.get("window") or (3, 200)),
-        n_per_query=None if p.get("n_per_query") is None else int(p["n_per_query"]),
+        depth=int(p["depth"]),
+        window=tuple(p["window"]),
+        n_per_query=None if p["n_per_query"] is None else int(p["n_per_query"]),
         seed=int(seed),
-        factory=str(p.get("factory", "Flat")),
-        search_batch_size=int(p.get("search_batch_size", 256)),
-        encode_batch_size=int(runtime.encode_batch_size),
-        doc_max_len=doc_max_len if doc_max_len is not None else p.get("doc_max_len"),
-        device=str(resolve_device(str(runtime.device))),
-        bf16=bool(runtime.bf16),
+        factory=str(p["factory"]),
+        search_batch_size=int(p["search_batch_size"]),
+        encode_batch_size=int(runtime["encode_batch_size"]),
+        doc_max_len=doc_max_len if doc_max_len is not None else p["doc_max_len"],
+        device=str(resolve_device(str(runtime["device"]))),
+        bf16=bool(runtime["bf16"]),
         progress=bool(runtime.get("progress", True)),
-        teacher_scores=p.get("teacher_scores"),
-        fn_margin=float(p.get("fn_margin", 0.0)),
+        teacher_scores=p["teacher_scores"],
+        fn_margin=float(p["fn_margin"]),
     )
 
 
-# --------------------------------------------------------------------------- stage
+def run_window_pool(run_file: Path, positives: dict[str, list[str]], window: Sequence[int], who: str) -> dict[str, list[str]]:
+    """Hard-negative pool from a TREC run (the bm25 stage's train run): ranks ``window``, positives removed."""
+    import logging
 
+    from retrievers.contrastive import window_negatives
+    from retrievers.evaluation import read_trec
 
-def run(ctx: Context) -> dict[str, float]:
-    import torch
-
-    from pipelines.data import load_dataset
-    from pipelines.evaluation import read_trec, trec_order
-    from pipelines.retriever1 import train_positives, train_split_of
-    from retrievers.encoder import instantiate_encoder, latest_checkpoint
-
-    p = OmegaConf.to_container(ctx.cfg.pipeline.mine, resolve=True)
-    data = OmegaConf.to_container(ctx.cfg.data, resolve=True)
-    torch.set_num_threads(int(ctx.runtime.threads))
-    split = train_split_of(data)
-    ds = load_dataset(data, [split])
-    ckpt = latest_checkpoint(ctx.upstream)
-    source = str(p.get("source", "auto"))
-    if source == "auto":
-        # a trained upstream retriever, else the bm25 run, else the family's encoder as configured
-        source = "bm25" if ckpt is None and "bm25" in ctx.upstream else "dense"
-    if source not in ("dense", "bm25"):
-        raise ConfigError(f"pipeline.mine.source='{source}'; valid choices: auto, dense, bm25")
-
-    rss0 = peak_rss_mb()
-    t0 = time.perf_counter()
-    if source == "bm25":
-        if "bm25" not in ctx.upstream:
-            raise ConfigError("pipeline.mine.source=bm25 needs a bm25 stage before mine in model.chain")
-        run_file = ctx.upstream["bm25"] / "runs" / f"{split}.trec"
-        if not run_file.exists():
-            raise ConfigError(f"{run_file} is missing: the bm25 stage did not search the '{split}' queries")
-        encoder = None
-        miner = None
-        positives = train_positives(ds, split)
-        ranked = {q: trec_order(docs)[: int(p.get("depth", 200))] for q, docs in read_trec(run_file).items()
-                  if q in positives}
-        negs, stats = select_negatives(
-            ranked, positives, p.get("window") or (3, 200),
-            None if p.get("n_per_query") is None else int(p["n_per_query"]), int(ctx.cfg.seed),
-            read_teacher_scores(p["teacher_scores"]) if p.get("teacher_scores") else None,
-            float(p.get("fn_margin", 0.0)),
-        )
-        stats["source"] = f"bm25 ({run_file})"
-    else:
-        encoder = instantiate_encoder(ctx.cfg.model.encoder, checkpoint=ckpt)
-        rss0 = peak_rss_mb()  # the model's own memory is not the miner's
-        miner = miner_from_config(ds, split, encoder, p, int(ctx.cfg.seed), ctx.runtime)
-        positives = miner.positives
-        log.info(
-            "[mine] %d train queries x %d docs, depth %d, window %s, %s per query, encoder %s",
-            len(miner.queries), len(miner.doc_ids), miner.depth, list(miner.window), miner.n_per_query,
-            ckpt or "model.encoder",
-        )
-        ranked, negs, stats = miner(encoder, ctx.work)
-        stats["source"] = f"dense ({ckpt or 'model.encoder'})"
-    del ds
-    write_negatives(ctx.out / NEGATIVES_FILE, negs, positives)
-    write_trec(ctx.out / "runs" / f"{split}.trec", ranked, f"drlab-mine-{source}")
-    stats.update(
-        seconds=round(time.perf_counter() - t0, 2),
-        peak_rss_mb=round(peak_rss_mb(), 1),
-        peak_rss_mb_before_search=round(rss0, 1),
-        window=list(p.get("window") or (3, 200)),
-        n_per_query=p.get("n_per_query"),
+    if not Path(run_file).exists():
+        raise ConfigError(f"{run_file} is missing: the bm25 stage did not search these train queries")
+    pool = window_negatives(read_trec(run_file), positives, tuple(window))
+    sizes = [len(pool.get(q, ())) for q in positives]
+    logging.getLogger("drlab").info(
+        "[%s] negatives from ranks %s of %s: mean pool %.1f per query",
+        who, list(window), Path(run_file).name, sum(sizes) / max(1, len(sizes)),
     )
-    (ctx.out / "mine_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    shutil.rmtree(ctx.work / "embeddings", ignore_errors=True)
-    log.info(
-        "[mine] %.1f negatives/query (window mean %.1f), %d teacher-filtered, %.1fs, peak RSS %.0f MiB "
-        "(%.0f MiB before the search)",
-        stats["negatives_mean"], stats["window_candidates_mean"], stats["teacher_filtered"], stats["seconds"],
-        stats["peak_rss_mb"], rss0,
-    )
-    return {
-        "negatives_per_query": round(stats["negatives_mean"], 3),
-        "queries": float(stats["queries"]),
-        "teacher_filtered": float(stats["teacher_filtered"]),
-        "seconds": stats["seconds"],
-        "peak_rss_mb": stats["peak_rss_mb"],
-    }
-
-
-STAGE = Stage(name="mine", version="1", reads=("data", "model", "pipeline.mine", "seed"), run=run)
+    return pool

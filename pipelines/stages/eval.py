@@ -1,81 +1,85 @@
 """Stage ``eval``: search the eval queries, score with ranx (= trec_eval), write a report.
 
-The system evaluated is the chain's last retriever: the dense ``index`` stage when the
-chain has one (queries encoded with the same model), otherwise the ``bm25`` run.
-With a ``rerank`` stage upstream and ``rerank_depth`` > 0, the retriever's top
-``rerank_depth`` is re-scored by the trained teacher: its own row in the report, metrics
-``rerank/<split>/<metric>`` and ``runs/<split>.rerank.trec``; ColBERT end to end
-(``colbert_e2e``) likewise ``colbert_e2e/<split>/<metric>`` and ``runs/<split>.colbert_e2e.trec``.
-Options (``pipeline.eval``): ``fusion`` (``rrf`` or ``wsum`` with the BM25 run, via
-ranx), ``unseen_subset`` (also score the eval queries none of whose relevant
-documents is relevant in the train split, to separate generalisation from
-memorisation). Writes ``runs/<split>.trec``, ``metrics.json``, ``per_query.json``,
-``report.md`` and ``report.png``.
+The system evaluated is the chain's last retriever: the dense ``index`` stage when the chain
+has one (queries encoded with the same model), otherwise the ``bm25`` run. With a ``rerank``
+stage and ``rerank_depth`` > 0, the retriever's top ``rerank_depth`` is re-scored by the trained
+teacher: its own row in the report, metrics ``rerank/<split>/<metric>`` and
+``runs/<split>.rerank.trec``; ColBERT end to end (``colbert_e2e``) likewise. ``fusion`` (``rrf`` or
+``wsum`` with the BM25 run, via ranx); ``unseen_subset`` also scores the eval queries none of
+whose relevant documents is relevant in the train split (generalisation vs memorisation). Qrels
+of both splits come through the dataset loader, whatever the format.
+
+Reads ``data``, ``model.name``, ``pipeline.eval`` (+ ``model.encoder`` with an index, +
+``model.teacher`` with a teacher). Uses ``index`` and/or ``bm25``, and ``rerank`` when it
+reranks. Writes ``runs/<split>.trec``, ``metrics.json``, ``per_query.json``, ``report.md`` and
+``report.png``.
 """
 
 from __future__ import annotations
 
 import logging
 
-from omegaconf import OmegaConf
-
-from pipelines.data import load_dataset, read_qrels
-from pipelines.evaluation import (
+from pipelines.executor import Context, Stage
+from retrievers.data import load_dataset
+from retrievers.errors import ConfigError
+from retrievers.evaluation import (
     evaluate,
+    fuse,
     markdown_table,
     plot_report,
     read_trec,
     recall_curve,
     save_json,
+    unseen_queries,
     write_trec,
 )
-from pipelines.executor import ConfigError, Context, Stage
 
 log = logging.getLogger("drlab")
 
 
-def unseen_queries(eval_qrels, train_qrels) -> list[str]:
-    """Eval queries none of whose relevant documents is relevant for some train query."""
-    seen = {d for docs in train_qrels.values() for d, r in docs.items() if r > 0}
-    return [q for q, docs in eval_qrels.items() if not any(d in seen for d, r in docs.items() if r > 0)]
+def uses(cfg, before: list[str]) -> tuple[str, ...]:
+    p = cfg.pipeline.eval
+    out = ()
+    if "index" in before:
+        out += ("index",)
+    if "bm25" in before and (not out or p.fusion):
+        out += ("bm25",)
+    if not out:
+        raise ConfigError(
+            f"stage eval evaluates a retriever, but model '{cfg.model.name}' has no index or bm25 stage enabled before "
+            f"it (chain {list(cfg.model.chain)}). Fix: add index (a dense family) or bm25 to model.chain, or enable it."
+        )
+    if "rerank" in before and (int(p.rerank_depth or 0) > 0 or p.colbert_e2e):
+        out += ("rerank",)
+    return out
 
 
-def fuse(runs: dict[str, dict], method: str, weights: list[float] | None = None) -> dict:
-    """ranx fusion of runs (``rrf`` or ``wsum`` on min-max normalised scores)."""
-    from ranx import Run, fuse as ranx_fuse
-
-    if method not in ("rrf", "wsum"):
-        raise ValueError(f"pipeline.eval.fusion '{method}' unknown; valid choices: rrf, wsum (or null)")
-    # ranx requires the same query ids in every run: a query one run has no hits for gets an empty list
-    qids = sorted({q for r in runs.values() for q, d in r.items() if d})
-    rs = [Run({q: dict(r.get(q) or {}) for q in qids}, name=n) for n, r in runs.items()]
-    if method == "wsum":  # ranx's wsum has no default weights: equal weights unless given
-        weights = [float(w) for w in weights] if weights else [1.0 / len(rs)] * len(rs)
-        if len(weights) != len(rs):
-            raise ValueError(f"pipeline.eval.fusion_weights has {len(weights)} weights for {len(rs)} runs {list(runs)}")
-    params = {"weights": weights} if method == "wsum" else None
-    norm = "min-max" if method == "wsum" else None
-    fused = ranx_fuse(runs=rs, method=method, norm=norm, params=params)
-    return {q: dict(d) for q, d in fused.to_dict().items()}
+def reads(cfg, before: list[str]) -> tuple[str, ...]:
+    used = uses(cfg, before)
+    return (("data", "model.name", "pipeline.eval") + (("model.encoder",) if "index" in used else ())
+            + (("model.teacher",) if "rerank" in used else ()))
 
 
 def run(ctx: Context) -> dict[str, float]:
-    data = OmegaConf.to_container(ctx.cfg.data, resolve=True)
+    data = ctx.get("data")
     p = ctx.cfg.pipeline.eval
     split = data["eval_split"]
     metrics = list(p.metrics)
-    ds = load_dataset(data, [split], with_corpus=False)
+    train_split = data.get("train_split") if p.unseen_subset else None
+    ds = load_dataset(data, [s for s in dict.fromkeys([split, train_split]) if s], with_corpus=False)
     qrels = ds.qrels[split]
+    rt = ctx.runtime
+    extra_md = ""
 
     systems: dict[str, dict] = {}
     if "index" in ctx.upstream:
-        from pipelines.index import search_queries
+        from retrievers.faiss_index import dense_search
 
-        systems[ctx.cfg.model.name] = search_queries(ctx, ds.split_queries(split), depth=int(p.depth))
-    if "bm25" in ctx.upstream and (not systems or p.fusion):
+        systems[ctx.cfg.model.name], extra_md = dense_search(
+            ctx.upstream["index"], ctx.cfg.model.encoder, ds.split_queries(split), int(p.depth), device=str(rt.device),
+            threads=int(rt.threads), encode_batch_size=int(rt.encode_batch_size), bf16=bool(rt.bf16))
+    if "bm25" in ctx.upstream:
         systems["bm25"] = read_trec(ctx.upstream["bm25"] / "runs" / f"{split}.trec")
-    if not systems:
-        raise RuntimeError("eval needs an upstream 'index' or 'bm25' stage in the chain")
     main_name = next(iter(systems))
     if p.fusion and len(systems) > 1:
         systems[f"{main_name}+bm25 ({p.fusion})"] = fuse(systems, p.fusion, p.get("fusion_weights"))
@@ -88,7 +92,7 @@ def run(ctx: Context) -> dict[str, float]:
         doc_text = {d: full.doc_text(d) for d in full.corpus}
         del full
     if rr_depth and "rerank" in ctx.upstream:
-        from pipelines.rerank import load_teacher, rerank_run
+        from retrievers.reranking import load_teacher, rerank_run
         from retrievers.encoder import resolve_device
 
         teacher = load_teacher(ctx.cfg.model.teacher, ctx.upstream["rerank"] / "checkpoint")
@@ -101,8 +105,8 @@ def run(ctx: Context) -> dict[str, float]:
         del teacher
     e2e_name = None
     if p.get("colbert_e2e") and "rerank" in ctx.upstream:
-        from pipelines.rerank import load_teacher
         from retrievers.colbert import ColbertIndex
+        from retrievers.reranking import load_teacher
         from retrievers.encoder import resolve_device
 
         teacher = load_teacher(ctx.cfg.model.teacher, ctx.upstream["rerank"] / "checkpoint")
@@ -122,11 +126,8 @@ def run(ctx: Context) -> dict[str, float]:
     curves = {}
     per_query_main = {}
     subsets = {split: list(qrels)}
-    if p.unseen_subset and data.get("train_split"):
-        from pathlib import Path
-
-        train_qrels = read_qrels(Path(data["path"]) / "qrels" / f"{data['train_split']}.tsv")
-        unseen = unseen_queries(qrels, train_qrels)
+    if train_split:
+        unseen = unseen_queries(qrels, ds.qrels[train_split])
         if unseen:
             subsets[f"{split}-unseen"] = unseen
         else:
@@ -162,13 +163,11 @@ def run(ctx: Context) -> dict[str, float]:
         "queries without results count as 0.\n",
         "\n![recall@k and per-query distribution](report.png)\n",
     ]
-    extra = ctx.out / "extra.md"
-    if extra.exists():  # upstream-specific sections (index sizes, latencies) written by search_queries
-        report.append("\n" + extra.read_text())
-        extra.unlink()
+    if extra_md:  # the dense index's section (sizes, latencies)
+        report.append("\n" + extra_md)
     (ctx.out / "report.md").write_text("\n".join(report))
     log.info("[eval]\n%s", markdown_table(rows, metrics))
     return out
 
 
-STAGE = Stage(name="eval", version="2", reads=("data", "model", "pipeline.eval"), run=run)
+STAGE = Stage(name="eval", version="3", reads=reads, run=run, uses=uses)

@@ -12,9 +12,9 @@ import shutil
 
 from omegaconf import OmegaConf
 
-from pipelines.data import load_dataset
 from pipelines.executor import Context, Stage
 from retrievers import bm25
+from retrievers.data import load_dataset
 
 log = logging.getLogger("drlab")
 
@@ -54,4 +54,4 @@ def run(ctx: Context) -> dict[str, float]:
     return {"docs": float(n_docs)}
 
 
-STAGE = Stage(name="bm25", version="1", reads=("data", "pipeline.bm25"), run=run)
+STAGE = Stage(name="bm25", version="1", reads=("data", "pipeline.bm25"), run=run, uses=())

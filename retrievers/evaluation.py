@@ -129,3 +129,28 @@ def markdown_table(rows: dict[str, dict[str, float]], metrics: list[str]) -> str
 
 def save_json(obj, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def unseen_queries(eval_qrels, train_qrels) -> list[str]:
+    """Eval queries none of whose relevant documents is relevant for some train query."""
+    seen = {d for docs in train_qrels.values() for d, r in docs.items() if r > 0}
+    return [q for q, docs in eval_qrels.items() if not any(d in seen for d, r in docs.items() if r > 0)]
+
+
+def fuse(runs: dict[str, dict], method: str, weights: list[float] | None = None) -> dict:
+    """ranx fusion of runs (``rrf`` or ``wsum`` on min-max normalised scores)."""
+    from ranx import Run, fuse as ranx_fuse
+
+    if method not in ("rrf", "wsum"):
+        raise ValueError(f"pipeline.eval.fusion '{method}' unknown; valid choices: rrf, wsum (or null)")
+    # ranx requires the same query ids in every run: a query one run has no hits for gets an empty list
+    qids = sorted({q for r in runs.values() for q, d in r.items() if d})
+    rs = [Run({q: dict(r.get(q) or {}) for q in qids}, name=n) for n, r in runs.items()]
+    if method == "wsum":  # ranx's wsum has no default weights: equal weights unless given
+        weights = [float(w) for w in weights] if weights else [1.0 / len(rs)] * len(rs)
+        if len(weights) != len(rs):
+            raise ValueError(f"pipeline.eval.fusion_weights has {len(weights)} weights for {len(rs)} runs {list(runs)}")
+    params = {"weights": weights} if method == "wsum" else None
+    norm = "min-max" if method == "wsum" else None
+    fused = ranx_fuse(runs=rs, method=method, norm=norm, params=params)
+    return {q: dict(d) for q, d in fused.to_dict().items()}

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from retrievers.errors import ConfigError
+
 log = logging.getLogger("drlab")
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
@@ -58,9 +60,27 @@ class Dataset:
         """Queries judged in ``split``, in qrels order."""
         return {q: self.queries[q] for q in self.qrels[split] if q in self.queries}
 
+    def positives(self, split: str) -> dict[str, list[str]]:
+        """Judged positives (relevance > 0) of each ``split`` query that has some and is in the queries file."""
+        out = {q: [d for d, r in docs.items() if r > 0] for q, docs in self.qrels[split].items()}
+        return {q: v for q, v in out.items() if v and q in self.queries}
+
     def doc_text(self, doc_id: str, sep: str = " ") -> str:
         d = self.corpus[doc_id]
         return f"{d['title']}{sep}{d['text']}".strip() if d["title"] else d["text"].strip()
+
+
+def train_split_of(data: dict[str, Any], stage: str) -> str:
+    """``data.train_split``, or a ConfigError saying which stage needs it and what to do."""
+    split = data.get("train_split")
+    if not split:
+        raise ConfigError(
+            f"stage {stage} trains on data.train_split, but data '{data.get('name')}' has train_split=null. "
+            f"Fix: use a dataset with training judgments (e.g. data=scifact, data=nfcorpus), set "
+            f"data.train_split=<split> if its judgments exist, or pick a family without training "
+            f"(model=pretrained, model=bm25)."
+        )
+    return str(split)
 
 
 # --------------------------------------------------------------------------- availability

@@ -1,0 +1,106 @@
+"""Stage keys: a content hash of exactly what a stage uses.
+
+    key = <name>-v<version>-<sha256(KEY_FORMAT, reads, keys of the used stages)[:12]>
+
+*reads* are the config nodes the stage declares (resolved), with two rewrites so that a key
+does not depend on the machine:
+
+* ``data.path`` is replaced by a content fingerprint of the dataset's files, and
+  ``data.url`` (where the files came from, not what they hold) is dropped;
+* every key named in :data:`MACHINE_KEYS` (``local_dirs``: model id -> directory on this
+  machine) is dropped wherever it appears.
+
+``runtime.*`` is never a read. Bump :data:`KEY_FORMAT` when the payload itself changes shape:
+every cache from before is then recomputed (README, "Stage keys").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from retrievers.errors import ConfigError
+
+#: 2: narrow reads + only the used stages' keys (issue 13); 1: every earlier chain stage
+KEY_FORMAT = "2"
+#: config keys that name things on this machine: never hashed, at any depth
+MACHINE_KEYS = frozenset({"local_dirs"})
+#: files in a dataset directory that are documentation or archives, not data
+_NOT_DATA = {".md", ".zip", ".gz", ".tar", ".txt"}
+
+
+def digest(obj: Any, n: int = 12) -> str:
+    """Short sha256 of a JSON-able object (sorted keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def select(cfg: DictConfig, dotted: str) -> Any:
+    """The resolved value at ``dotted`` (containers as plain dicts / lists); a missing node is a ConfigError."""
+    if OmegaConf.select(cfg, dotted, default="__absent__") == "__absent__":
+        raise ConfigError(f"config node '{dotted}' does not exist")
+    node = OmegaConf.select(cfg, dotted, throw_on_missing=True)
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _strip_machine(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_machine(v) for k, v in value.items() if k not in MACHINE_KEYS}
+    if isinstance(value, list):
+        return [_strip_machine(v) for v in value]
+    return value
+
+
+_FP_CACHE: dict[tuple, dict[str, str]] = {}
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_fingerprint(path: str | os.PathLike) -> dict[str, str]:
+    """Content fingerprint of a dataset directory: relative file name -> hash of the whole file.
+
+    Whole files are hashed (an edit anywhere moves the key); each file's hash is cached in
+    this process by (path, size, mtime, inode), so a corpus is read once per run.
+    """
+    root = Path(path)
+    if not root.exists():
+        return {"absent": root.name}
+    out: dict[str, str] = {}
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if f.suffix.lower() in _NOT_DATA and f.name.lower() != "corpus.jsonl.gz":
+            continue
+        st = f.stat()
+        ck = (str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+        if ck not in _FP_CACHE:
+            _FP_CACHE[ck] = _file_hash(f)  # type: ignore[assignment]
+        out[str(f.relative_to(root))] = _FP_CACHE[ck]  # type: ignore[assignment]
+    return out
+
+
+def hashed_value(cfg: DictConfig, dotted: str) -> Any:
+    """What a read contributes to a key: the resolved node, without machine paths."""
+    value = _strip_machine(select(cfg, dotted))
+    if dotted == "data" and isinstance(value, dict):
+        value = dict(value)
+        value.pop("url", None)
+        path = value.pop("path", None)
+        if path is not None:
+            value["fingerprint"] = data_fingerprint(path)
+    elif dotted.startswith("data.") and dotted.split(".")[1] in ("path", "url"):
+        raise ConfigError(f"a stage may not read '{dotted}' on its own (a machine path); read 'data'")
+    return value
+
+
+def stage_key(name: str, version: str, reads: dict[str, Any], upstream: dict[str, str]) -> str:
+    payload = {"format": KEY_FORMAT, "stage": name, "version": version, "reads": reads, "upstream": upstream}
+    return f"{name}-v{version}-{digest(payload)}"

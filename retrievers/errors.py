@@ -1,0 +1,14 @@
+"""User-facing errors: each message names the file, line or config key, and the fix.
+
+``run.py`` prints these without a traceback and exits 2.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A configuration mistake (unknown stage, bad chain, a value of the wrong type, ...)."""
+
+
+class IndexBuildError(ConfigError):
+    """A problem building or searching an index (bad factory, mismatched files)."""
