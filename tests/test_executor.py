@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from pipelines import executor
+from pipelines import keys as keys_mod
 from pipelines.executor import ConfigError, Stage, execute, plan
 
 CHAIN = ["bm25", "pretrain", "retriever1", "eval"]  # a sub-sequence of STAGE_ORDER
@@ -23,6 +24,8 @@ READS = {
     "retriever1": ("data", "pipeline.retriever1"),
     "eval": ("data", "model", "pipeline.eval"),
 }
+# each fake stage consumes every stage before it (the real stages declare narrower uses)
+USES = {"bm25": (), "pretrain": ("bm25",), "retriever1": ("bm25", "pretrain"), "eval": ("bm25", "pretrain", "retriever1")}
 
 
 def make_data(root: Path) -> Path:
@@ -62,7 +65,7 @@ class Fakes:
         self.versions: dict[str, str] = {}
 
     def stages(self) -> dict[str, Stage]:
-        return {n: Stage(n, self.versions.get(n, "1"), READS[n], self._runner(n)) for n in CHAIN}
+        return {n: Stage(n, self.versions.get(n, "1"), READS[n], self._runner(n), uses=USES[n]) for n in CHAIN}
 
     def _runner(self, name):
         def run(ctx):
@@ -182,32 +185,6 @@ def test_runtime_change_keeps_all_keys(env):
     second = do_plan(env, cfg2)
     assert keys(second) == keys(first)
     assert statuses(second) == {n: "cached" for n in CHAIN}
-
-
-def test_added_option_at_its_old_behaviour_keeps_the_key(env):
-    """An option added to a stage later (declared in Stage.added_options with the value that
-    reproduces the old behaviour) leaves finished stages valid; any other value is a new key."""
-    from pipelines.executor import stage_key
-
-    before = fake_cfg(env["data"])
-    base = Stage("retriever1", "1", READS["retriever1"], lambda ctx: {})
-    grown = Stage("retriever1", "1", READS["retriever1"], lambda ctx: {},
-                  added_options=(("pipeline.retriever1.sample.queries", None),))
-    k0 = stage_key(base, before, [])
-    at_old = fake_cfg(env["data"], pipeline__retriever1__sample={"queries": None, "seed": 1})
-    assert stage_key(grown, at_old, []) != k0, "only the declared leaf is dropped, not its siblings"
-    at_old = fake_cfg(env["data"], pipeline__retriever1__sample={"queries": None})
-    assert stage_key(grown, at_old, []) == stage_key(base, fake_cfg(env["data"], pipeline__retriever1__sample={}), [])
-    new = fake_cfg(env["data"], pipeline__retriever1__sample={"queries": 600})
-    assert stage_key(grown, new, []) != stage_key(grown, at_old, [])
-    assert at_old.pipeline.retriever1.sample.queries is None, "the config itself is not edited"
-    flat = fake_cfg(env["data"], pipeline__retriever1__score_queries=None)
-    flat_grown = Stage("retriever1", "1", READS["retriever1"], lambda ctx: {},
-                       added_options=(("pipeline.retriever1.score_queries", None),))
-    assert stage_key(flat_grown, flat, []) == k0
-    bad = Stage("retriever1", "1", READS["retriever1"], lambda ctx: {}, added_options=(("pipeline.mine.x", None),))
-    with pytest.raises(ValueError, match="not under one of its reads"):
-        stage_key(bad, flat, [])
 
 
 def test_version_bump_changes_key(env):
@@ -352,7 +329,7 @@ def test_manifest_contents(env):
                   "started", "seconds", "command"):  # fmt: skip
         assert field in m, f"manifest lacks {field}"
     assert m["stage"] == "retriever1" and m["version"] == "1" and m["key"] == by["retriever1"].key
-    assert m["upstream"] == [by["bm25"].key, by["pretrain"].key]
+    assert m["upstream"] == {"bm25": by["bm25"].key, "pretrain": by["pretrain"].key}
     assert m["reads"]["pipeline.retriever1"] == {"lr": 1e-5, "enabled": True}
     assert "path" not in m["reads"]["data"] and "fingerprint" in m["reads"]["data"], "data is hashed by content"
     assert m["metrics"] == {"score": 0.25, "call": 1.0}
@@ -368,8 +345,8 @@ def test_manifest_contents(env):
     assert m["seconds"] >= 0.05
     assert isinstance(m["command"], list)
     em = json.loads((by["eval"].dir / "manifest.json").read_text())
-    assert em["upstream"] == [by["bm25"].key, by["pretrain"].key, by["retriever1"].key]
-    assert json.loads((by["bm25"].dir / "manifest.json").read_text())["upstream"] == []
+    assert em["upstream"] == {s: by[s].key for s in ("bm25", "pretrain", "retriever1")}
+    assert json.loads((by["bm25"].dir / "manifest.json").read_text())["upstream"] == {}
 
 
 def test_each_stage_reports_its_own_peak_rss(env):
@@ -531,11 +508,11 @@ def test_data_content_changes_key_but_location_does_not(env, tmp_path):
 def test_data_fingerprint_is_relative_and_content_based(tmp_path):
     a = make_data(tmp_path / "a" / "toy")
     b = make_data(tmp_path / "b" / "toy")
-    fa, fb = executor.data_fingerprint(a), executor.data_fingerprint(b)
+    fa, fb = keys_mod.data_fingerprint(a), keys_mod.data_fingerprint(b)
     assert fa == fb
     assert set(fa) == {"corpus.jsonl", "queries.jsonl", "qrels/test.tsv"}
     (b / "qrels" / "test.tsv").write_text("q1\td1\t2\n")
-    assert executor.data_fingerprint(b)["qrels/test.tsv"] != fa["qrels/test.tsv"]
+    assert keys_mod.data_fingerprint(b)["qrels/test.tsv"] != fa["qrels/test.tsv"]
 
 
 # --------------------------------------------------------------------------- (m) concurrency
