@@ -10,7 +10,7 @@ export DRLAB_DATA_DIR
 DATA ?= scifact
 CHECKPOINT ?= sentence-transformers/all-MiniLM-L6-v2
 
-.PHONY: help setup run test test-data bench table-bm25 table-dpr table-ance table-distill table-pretrain clean-cache
+.PHONY: help setup run test test-data lint bench table-bm25 table-dpr table-ance table-distill table-pretrain clean-cache
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -29,7 +29,7 @@ run: setup ## quickstart on SciFact: BM25, pretrained MiniLM, DPR fine-tuned; pr
 	$(PY) run.py model=bm25 data=$(DATA)
 	$(PY) run.py model=pretrained data=$(DATA) model.checkpoint=$(CHECKPOINT)
 	$(PY) run.py model=dpr data=$(DATA) model.checkpoint=$(CHECKPOINT)
-	$(PY) scripts/compare.py bm25-$(DATA) pretrained-$(DATA) dpr-$(DATA) --out outputs/tables/quickstart-$(DATA).md
+	$(PY) -m scripts.compare bm25-$(DATA) pretrained-$(DATA) dpr-$(DATA) --out outputs/tables/quickstart-$(DATA).md
 
 test: setup ## fast test suite (CPU, no network, < 15 min)
 	$(PY) -m pytest -q
@@ -37,14 +37,17 @@ test: setup ## fast test suite (CPU, no network, < 15 min)
 test-data: setup ## real-data checks on ../shared/data (BM25 = Pyserini, metrics = trec_eval)
 	$(PY) -m pytest -q -m data
 
+lint: setup ## ruff check (the CI runs it)
+	$(VENV)/bin/ruff check .
+
 bench: setup ## encoding benchmark vs sentence-transformers -> outputs/bench/encode.json
-	$(PY) scripts/bench_encode.py
+	$(PY) -m scripts.bench_encode
 
 table-bm25: setup ## Pyserini's BEIR BM25 rows (flat, multifield) on SciFact and NFCorpus
 	for d in scifact nfcorpus; do for e in bm25-beir-flat bm25-beir-multifield; do \
 	  $(PY) run.py experiment=$$e data=$$d || exit 1; done; done
-	$(PY) scripts/compare.py bm25-beir-flat-scifact bm25-beir-multifield-scifact --out outputs/tables/bm25-scifact.md
-	$(PY) scripts/compare.py bm25-beir-flat-nfcorpus bm25-beir-multifield-nfcorpus --out outputs/tables/bm25-nfcorpus.md
+	$(PY) -m scripts.compare bm25-beir-flat-scifact bm25-beir-multifield-scifact --out outputs/tables/bm25-scifact.md
+	$(PY) -m scripts.compare bm25-beir-flat-nfcorpus bm25-beir-multifield-nfcorpus --out outputs/tables/bm25-nfcorpus.md
 
 table-dpr: setup ## DPR on SciFact next to BM25 and its initial checkpoint
 	$(MAKE) run DATA=scifact
@@ -61,7 +64,7 @@ table-ance: setup ## BM25, retriever1, retriever2 on mined negatives, ANCE refre
 	  $(PY) run.py model=ance data=$$d $$S name=ance-r2bm25-$$d pipeline.mine.source=bm25 'pipeline.mine.window=[10,100]' \
 	    pipeline.mine.n_per_query=null pipeline.mine.depth=100 pipeline.retriever2.refresh_every=0 && \
 	  $(PY) run.py model=ance data=$$d $$S name=ance-norefresh-w3-30-$$d 'pipeline.mine.window=[3,30]' pipeline.retriever2.refresh_every=0 && \
-	  $(PY) scripts/compare.py bm25-$$d ance-r1-$$d ance-norefresh-$$d ance-$$d ance-r2bm25-$$d ance-norefresh-w3-30-$$d \
+	  $(PY) -m scripts.compare bm25-$$d ance-r1-$$d ance-norefresh-$$d ance-$$d ance-r2bm25-$$d ance-norefresh-w3-30-$$d \
 	    --out outputs/tables/ance-$$d.md \
 	  || exit 1; done
 
@@ -83,7 +86,7 @@ table-distill: setup ## SimLM chain + TCT-ColBERT (+HN) + ColBERT e2e next to BM
 	    pipeline.rerank.enabled=false pipeline.distill.enabled=false && \
 	  $(PY) run.py model=tct_colbert data=$$d $$S name=tct-$$d pipeline.eval.colbert_e2e=true pipeline.eval.rerank_depth=0 && \
 	  $(PY) run.py model=tct_colbert data=$$d $$S name=tct-hn-$$d pipeline.distill.n_negatives=1 pipeline.eval.rerank_depth=0 && \
-	  $(PY) scripts/compare.py bm25-$$d simlm-r1-$$d simlm-r2-$$d simlm-r2-$$d:rerank simlm-$$d $$F \
+	  $(PY) -m scripts.compare bm25-$$d simlm-r1-$$d simlm-r2-$$d simlm-r2-$$d:rerank simlm-$$d $$F \
 	    pretrained-$$d tct-$$d tct-hn-$$d tct-$$d:colbert_e2e --metrics ndcg@10 recall@100 mrr@10 \
 	    --out outputs/tables/distill-$$d.md \
 	  || exit 1; done
@@ -117,7 +120,7 @@ table-pretrain: setup ## pre-training methods x the same fine-tuning budget on S
 	$(PY) run.py model=ict data=scifact $(FT) $(ENC) $(FT_MINILM) model.encoder.pooling=cls model.pretrain._target_=retrievers.pretraining.no_pretraining name=pt-minilm-none-scifact
 	$(PY) run.py model=simlm data=scifact $(FT) $(ENC) $(FT_MINILM) model.encoder.pooling=cls pipeline.pretrain.precision=bf16 name=pt-minilm-simlm-scifact
 	$(PY) run.py model=retromae data=scifact $(FT) $(ENC) $(FT_MINILM) pipeline.pretrain.precision=bf16 name=pt-minilm-retromae-scifact
-	$(PY) scripts/compare.py pt-none-scifact pt-contriever-scifact pt-simlm-scifact pt-retromae-scifact pt-ict-scifact \
+	$(PY) -m scripts.compare pt-none-scifact pt-contriever-scifact pt-simlm-scifact pt-retromae-scifact pt-ict-scifact \
 	  pt-minilm-none-scifact pt-minilm-simlm-scifact pt-minilm-retromae-scifact pt-contriever-zeroshot-scifact pretrained-scifact \
 	  --metrics ndcg@10 recall@100 mrr@10 --out outputs/tables/pretrain-scifact.md
 

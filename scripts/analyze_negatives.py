@@ -1,6 +1,6 @@
 """Where do mined negatives sit, and how hard / how risky are they? (JSON + a plot)
 
-    python scripts/analyze_negatives.py outputs/cache/mine/<key> --data-dir ../shared/data --data scifact \
+    python -m scripts.analyze_negatives outputs/cache/mine/<key> --data-dir ../shared/data --data scifact \
         [--bm25 outputs/cache/bm25/<key>] [--refresh outputs/cache/retriever2/<key>/refresh_log.jsonl]
 
 Reports, for the train queries of the mine stage:
@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
@@ -44,7 +42,7 @@ def main() -> None:
     args = ap.parse_args()
 
     qdir = args.data_dir / args.data / "qrels"
-    train = read_qrels(qdir / f"{args.train_split}.tsv")
+    read_qrels(qdir / f"{args.train_split}.tsv")  # fails early (DataError) when the train split's qrels are missing
     relevant_for: dict[str, set[str]] = {}
     for f in qdir.glob("*.tsv"):
         for q, docs in read_qrels(f).items():

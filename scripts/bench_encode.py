@@ -1,6 +1,6 @@
 """Corpus encoding throughput: dr-lab's ``BiEncoder.encode`` vs ``SentenceTransformer.encode``.
 
-    DRLAB_DATA_DIR=../shared/data python scripts/bench_encode.py [--n 2000] [--batch-size 128]
+    DRLAB_DATA_DIR=../shared/data python -m scripts.bench_encode [--n 2000] [--batch-size 128]
 
 Same model (sentence-transformers/all-MiniLM-L6-v2 via ``retrievers.hub.resolve_model``),
 same texts (the first ``--n`` SciFact documents, ``title + " " + text``), same batch size
@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -76,8 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(REPO / "outputs" / "bench" / "encode.json"))
     args = ap.parse_args(argv)
 
-    import torch
     import sentence_transformers
+    import torch
     import transformers
     from sentence_transformers import SentenceTransformer
 
@@ -193,8 +192,12 @@ def main(argv: list[str] | None = None) -> dict:
         out["st_bf16_vs_fp32_cosine"] = {"min": float(c.min()), "mean": float(c.mean())}
     out["targets"] = {
         "fp32_ratio>=1.0": out.get("fp32", {}).get("ratio", 0) >= 1.0 if "fp32" in out else None,
-        "bf16_min_cosine>=0.9999": out["bf16_vs_fp32_cosine"]["min"] >= 0.9999 if "bf16_vs_fp32_cosine" in out else None,
-        "fp32_max_abs_diff<1e-5": out["fp32_max_abs_diff_drlab_vs_st"] < 1e-5 if "fp32_max_abs_diff_drlab_vs_st" in out else None,
+        "bf16_min_cosine>=0.9999": (
+            out["bf16_vs_fp32_cosine"]["min"] >= 0.9999 if "bf16_vs_fp32_cosine" in out else None
+        ),
+        "fp32_max_abs_diff<1e-5": (
+            out["fp32_max_abs_diff_drlab_vs_st"] < 1e-5 if "fp32_max_abs_diff_drlab_vs_st" in out else None
+        ),
     }
     dest = Path(args.out)
     dest.parent.mkdir(parents=True, exist_ok=True)

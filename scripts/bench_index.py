@@ -1,12 +1,12 @@
 """Compare FAISS index types on the same stored embeddings: recall, size, latency.
 
     # from a finished index stage directory
-    python scripts/bench_index.py --index-dir outputs/cache/index/index-v1-<key>
+    python -m scripts.bench_index --index-dir outputs/cache/index/index-v1-<key>
     # or let dr-lab build (or reuse from its cache) the index stage first
-    DRLAB_DATA_DIR=../shared/data python scripts/bench_index.py model=pretrained data=scifact
+    DRLAB_DATA_DIR=../shared/data python -m scripts.bench_index model=pretrained data=scifact
 
 The corpus vectors are the ``embeddings/shard_NNN.npy`` an ``index`` stage stored; each
-index type is built from exactly those vectors with :func:`pipelines.index.build_index`:
+index type is built from exactly those vectors with :func:`retrievers.faiss_index.build_index`:
 
 * ``Flat``: exact inner-product search (FAISS; Johnson, Douze & Jegou 2019);
 * ``HNSW32``: graph search (Malkov & Yashunin, TPAMI 2018), efConstruction/efSearch of
@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 log = logging.getLogger("drlab")
 
@@ -80,11 +79,16 @@ def data_cfg(index_dir: Path, data_path: str | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--index-dir", help="a finished index stage directory (outputs/cache/index/<key>)")
     ap.add_argument("--data-path", help="dataset directory (default: $DRLAB_DATA_DIR/<data.name>)")
     ap.add_argument("--depth", type=int, default=100, help="search depth (default 100)")
-    ap.add_argument("--factory", action="append", help="index factory to add (repeatable); default Flat, HNSW, IVF-PQ from conf/index")
+    ap.add_argument(
+        "--factory", action="append",
+        help="index factory to add (repeatable); default Flat, HNSW, IVF-PQ from conf/index",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=128, help="query encoding batch size")
     ap.add_argument("--single-queries", type=int, default=100, help="queries timed one at a time (median latency)")
@@ -98,8 +102,9 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from omegaconf import OmegaConf
 
-    from pipelines import index as ix
+    from retrievers import faiss_index as ix
     from retrievers.data import load_dataset
+    from retrievers.embeddings import load_embeddings
     from retrievers.evaluation import evaluate
 
     torch.set_num_threads(args.threads)
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     ds = load_dataset(data, [split], with_corpus=False)
     queries = ds.split_queries(split)
     qrels = ds.qrels[split]
-    shards, doc_ids = ix.load_embeddings(index_dir)
+    shards, doc_ids = load_embeddings(index_dir)
     manifest = json.loads((index_dir / "manifest.json").read_text())
     encoder, rec = ix.load_recorded_encoder(index_dir, OmegaConf.create(manifest["reads"]["model"]["encoder"]))
     qids = list(queries)
@@ -191,7 +196,9 @@ def main(argv: list[str] | None = None) -> dict:
             del index
     flat = next((r for r in results if ix.index_type(r["factory"]) == "flat"), None)
     for r in results:
-        r["recall@100_vs_flat"] = round(r["recall@100"] / flat["recall@100"], 4) if flat and flat["recall@100"] else None
+        r["recall@100_vs_flat"] = (
+            round(r["recall@100"] / flat["recall@100"], 4) if flat and flat["recall@100"] else None
+        )
     hnsw = next((r for r in results if ix.index_type(r["factory"]) == "hnsw"), None)
     acceptance = None
     if flat and hnsw:
@@ -238,9 +245,12 @@ def _cpu_name() -> str:
 
 
 def table(out: dict) -> str:
-    from pipelines.index import human_bytes
+    from retrievers.embeddings import human_bytes
 
-    head = ["index", "factory built", "R@100", "vs Flat", "nDCG@10", "overlap", "size", "build s", "ms/q batch", "ms/q single"]
+    head = [
+        "index", "factory built", "R@100", "vs Flat", "nDCG@10", "overlap",
+        "size", "build s", "ms/q batch", "ms/q single",
+    ]
     rows = [
         [
             r["name"], r["factory"], f"{r['recall@100']:.4f}",

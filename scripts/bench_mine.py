@@ -1,12 +1,12 @@
-"""Memory and time of hard-negative mining (pipelines/mine.py) on a real dataset.
+"""Memory and time of hard-negative mining (retrievers/mining.py) on a real dataset.
 
-    python scripts/bench_mine.py                                   # SciFact, all-MiniLM-L6-v2
-    python scripts/bench_mine.py --data nfcorpus --checkpoint outputs/cache/retriever1/<key>/checkpoint
+    python -m scripts.bench_mine                                   # SciFact, all-MiniLM-L6-v2
+    python -m scripts.bench_mine --data nfcorpus --checkpoint outputs/cache/retriever1/<key>/checkpoint
 
 Each configuration runs in its own process, so its peak RSS (``ru_maxrss``) is its own:
 
 * ``model``: load the dataset and the encoder, nothing else (the baseline: "the model's own");
-* ``mine``: the same, then :class:`pipelines.mine.DenseMiner` (corpus encoding to fp16 shards,
+* ``mine``: the same, then :class:`retrievers.mining.DenseMiner` (corpus encoding to fp16 shards,
   FAISS Flat, chunked search of the train queries to ``--depth``, window + sampling);
 * ``dense-matrix``: the peer, the same encodings scored as one full query x corpus matrix
   with numpy and ``argpartition`` -- what mining without a chunked index costs.
@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def _peak_mb() -> float:
@@ -41,9 +40,8 @@ def child(args) -> dict:
     import torch
 
     from retrievers.data import load_dataset
-    from pipelines.mine import DenseMiner
-    from pipelines.retriever1 import train_positives
     from retrievers.encoder import build_biencoder
+    from retrievers.mining import DenseMiner
 
     torch.set_num_threads(args.threads)
     data = {"name": args.data, "format": "beir", "path": str(Path(args.data_dir) / args.data), "url": None,
@@ -53,7 +51,7 @@ def child(args) -> dict:
         enc = build_biencoder(args.checkpoint)
     else:
         enc = build_biencoder(args.checkpoint, pooling="mean", normalize=True, similarity="cos", doc_max_len=256)
-    positives = train_positives(ds, "train")
+    positives = ds.positives("train")
     doc_ids = list(ds.corpus)
     miner = DenseMiner(
         doc_ids=doc_ids, doc_texts=enc.doc_texts([ds.corpus[d] for d in doc_ids]),
@@ -99,7 +97,7 @@ def main() -> None:
         return
     rows = {}
     for cfg in ("model", "mine", "dense-matrix"):
-        cmd = [sys.executable, __file__, "--child", cfg] + [a for a in sys.argv[1:] if a != "--child"]
+        cmd = [sys.executable, "-m", "scripts.bench_mine", "--child", cfg] + [a for a in sys.argv[1:] if a != "--child"]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:
             sys.exit(f"{cfg} failed:\n{res.stderr[-3000:]}")

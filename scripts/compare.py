@@ -1,32 +1,30 @@
 """Compare the eval runs of several experiments in one table, with paired significance tests.
 
-    python scripts/compare.py bm25-scifact pretrained-scifact dpr-scifact
-    python scripts/compare.py outputs/runs/2026-..._dpr_scifact  --metrics ndcg@10 recall@100 --test student
-    python scripts/compare.py A B C --out outputs/tables/quickstart.md
+    python -m scripts.compare bm25-scifact pretrained-scifact dpr-scifact
+    python -m scripts.compare outputs/runs/2026-..._dpr_scifact  --metrics ndcg@10 recall@100 --test student
+    python -m scripts.compare A B C --out outputs/tables/quickstart.md
 
 Each argument is an experiment name (``outputs/experiments/<name>.json``), a run
 directory, or a ``summary.json``; a suffix ``:rerank`` or ``:colbert_e2e`` takes that run's
 second-stage row instead (the teacher reranking the retriever's top-k, ColBERT end to end):
 
-    python scripts/compare.py simlm-scifact simlm-scifact:rerank tct-scifact:colbert_e2e
+    python -m scripts.compare simlm-scifact simlm-scifact:rerank tct-scifact:colbert_e2e
  The runs must be on the same dataset and split.
 Significance: ranx's paired test (Student's t by default; ``fisher`` for a
 randomisation test), superscripts name the rows a system beats at p < ``--max-p``.
-Runs are given to ranx in trec_eval's document order (see pipelines/evaluation.py).
+Runs are given to ranx in trec_eval's document order (see retrievers/evaluation.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from retrievers.data import read_qrels
+from retrievers.evaluation import _ranked, read_trec
 
-from retrievers.data import read_qrels  # noqa: E402
-from retrievers.evaluation import _ranked, read_trec  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def find_summary(arg: str, outputs: Path) -> Path:
@@ -67,7 +65,8 @@ def load(summary_path: Path, variant: str | None = None) -> tuple[str, dict, Pat
             f"error: {summary_path}: no {trec.name} in {trec.parent} (was pipeline.eval."
             f"{'rerank_depth' if variant == 'rerank' else 'colbert_e2e'} on for that run?)"
         )
-    return (f"{name}:{variant}" if variant else name), read_trec(trec), Path(data["path"]) / "qrels" / f"{split}.tsv", split
+    qrels_path = Path(data["path"]) / "qrels" / f"{split}.tsv"
+    return (f"{name}:{variant}" if variant else name), read_trec(trec), qrels_path, split
 
 
 def to_markdown(rep: dict, metrics: list[str], max_p: float) -> str:
@@ -126,7 +125,10 @@ def main(argv: list[str] | None = None) -> str:
         make_comparable=True,  # a query a run has no hit for scores 0 (trec_eval -c), as in eval
     )
     table = to_markdown(report.to_dict(), args.metrics, args.max_p)
-    text = f"{table}\n\nPaired {args.test} test, p < {args.max_p}; superscripts: rows this run is significantly better than.\n"
+    text = (
+        f"{table}\n\nPaired {args.test} test, p < {args.max_p}; "
+        "superscripts: rows this run is significantly better than.\n"
+    )
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

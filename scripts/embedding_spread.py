@@ -1,10 +1,10 @@
 """How spread out are a checkpoint's document vectors? (mean pairwise cosine; near 1 = collapsed)
 
-    python scripts/embedding_spread.py pt-simlm-scifact pt-contriever-scifact [--stage pretrain] [--data DIR]
+    python -m scripts.embedding_spread pt-simlm-scifact pt-contriever-scifact [--stage pretrain] [--data DIR]
 
 For each experiment name (or run directory / summary.json), loads the checkpoint its ``--stage``
 wrote (``pretrain``: before fine-tuning; ``retriever1``: after) and prints the mean pairwise
-cosine of 256 passages of the run's dataset (:func:`pipelines.pretrain.embedding_spread`; the
+cosine of 256 passages of the run's dataset (:func:`retrievers.pretrain_loop.embedding_spread`; the
 pretrain stage records the same number as ``doc_mean_cosine`` since it was added).
 """
 
@@ -13,19 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+from scripts.compare import find_summary
 
-from compare import find_summary  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.pretrain import corpus_texts, embedding_spread
     from retrievers.encoder import BiEncoder
+    from retrievers.pretrain_loop import corpus_texts, embedding_spread
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+")

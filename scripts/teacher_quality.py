@@ -1,9 +1,9 @@
 """How good is a finished rerank stage's teacher on the train candidates it scored?
 
-    python scripts/teacher_quality.py outputs/cache/rerank/<key> [more stage dirs or experiment names]
+    python -m scripts.teacher_quality outputs/cache/rerank/<key> [more stage dirs or experiment names]
 
 Reads ``teacher_scores.jsonl`` and the dataset's train qrels (from the stage's manifest) and prints,
-per stage, ``pipelines.rerank.teacher_quality``: top-1-is-positive next to its chance rate, and the
+per stage, ``retrievers.reranking.teacher_quality``: top-1-is-positive next to its chance rate, and the
 mean per-query AUC of positives against the other candidates (0.5 = chance). New rerank runs
 record the same numbers in their metrics (``train_auc``, ...); this reads runs made before that.
 A run directory, summary.json or experiment name takes that run's rerank stage.
@@ -13,17 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from retrievers.reranking import teacher_quality
+from scripts.compare import find_summary
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-sys.path.insert(0, str(REPO / "scripts"))
-
-from compare import find_summary  # noqa: E402
-
-from pipelines.rerank import teacher_quality  # noqa: E402
 
 
 def stage_dir(arg: str) -> Path:
