@@ -56,15 +56,15 @@ log = logging.getLogger("drlab")
 
 def build(
     checkpoint: str,
-    shared: bool = True,
-    pooling: str = "first_token_head",
-    normalize: bool = False,
-    similarity: str = "dot",
-    temperature: float = 1.0,
-    query_max_len: int = 64,
-    doc_max_len: int = 256,
-    head_init: str = "identity",
-    local_dirs: dict | None = None,
+    shared: bool,
+    pooling: str,
+    normalize: bool,
+    similarity: str,
+    temperature: float,
+    query_max_len: int,
+    doc_max_len: int,
+    head_init: str,
+    local_dirs: dict | None,
 ) -> BiEncoder:
     enc = build_biencoder(
         checkpoint,

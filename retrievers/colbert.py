@@ -172,11 +172,11 @@ def group_ce_loss(scores: torch.Tensor) -> torch.Tensor:
 
 def build(
     checkpoint: str,
-    dim: int = 128,
-    query_max_len: int = 32,
-    doc_max_len: int = 180,
-    mask_punctuation: bool = True,
-    local_dirs: dict | None = None,
+    dim: int,
+    query_max_len: int,
+    doc_max_len: int,
+    mask_punctuation: bool,
+    local_dirs: dict | None,
 ) -> ColBERT:
     from transformers import AutoModel, AutoTokenizer
 

@@ -32,9 +32,9 @@ from torch import nn
 from retrievers.encoder import BiEncoder, build_biencoder, pool
 
 
-def build(checkpoint: str, pooling: str = "mean", normalize: bool = False, similarity: str = "dot",
-          temperature: float = 0.05, query_max_len: int = 64, doc_max_len: int = 256,
-          local_dirs: dict | None = None) -> BiEncoder:
+def build(checkpoint: str, pooling: str, normalize: bool, similarity: str,
+          temperature: float, query_max_len: int, doc_max_len: int,
+          local_dirs: dict | None) -> BiEncoder:
     return build_biencoder(checkpoint, shared=True, pooling=pooling, normalize=normalize, similarity=similarity,
                            temperature=temperature, query_max_len=query_max_len, doc_max_len=doc_max_len,
                            local_dirs=local_dirs)

@@ -58,7 +58,7 @@ class CrossEncoder(nn.Module):
                    max_len=cfg["max_len"])
 
 
-def build(checkpoint: str, max_len: int = 256, local_dirs: dict | None = None) -> CrossEncoder:
+def build(checkpoint: str, max_len: int, local_dirs: dict | None) -> CrossEncoder:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from retrievers.hub import resolve_model

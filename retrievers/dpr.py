@@ -19,14 +19,14 @@ from retrievers.encoder import BiEncoder, build_biencoder
 
 def build(
     checkpoint: str,
-    shared: bool = False,
-    pooling: str = "cls",
-    normalize: bool = False,
-    similarity: str = "dot",
-    temperature: float = 1.0,
-    query_max_len: int = 64,
-    doc_max_len: int = 256,
-    local_dirs: dict | None = None,
+    shared: bool,
+    pooling: str,
+    normalize: bool,
+    similarity: str,
+    temperature: float,
+    query_max_len: int,
+    doc_max_len: int,
+    local_dirs: dict | None,
 ) -> BiEncoder:
     return build_biencoder(
         checkpoint,

@@ -14,14 +14,14 @@ from retrievers.encoder import BiEncoder, build_biencoder
 
 def build(
     checkpoint: str,
-    pooling: str = "mean",
-    normalize: bool = False,
-    similarity: str = "dot",
-    query_prefix: str = "",
-    doc_prefix: str = "",
-    query_max_len: int = 512,
-    doc_max_len: int = 512,
-    local_dirs: dict | None = None,
+    pooling: str,
+    normalize: bool,
+    similarity: str,
+    query_prefix: str,
+    doc_prefix: str,
+    query_max_len: int,
+    doc_max_len: int,
+    local_dirs: dict | None,
 ) -> BiEncoder:
     return build_biencoder(
         checkpoint,

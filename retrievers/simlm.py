@@ -24,13 +24,13 @@ from retrievers.encoder import BiEncoder, build_biencoder
 
 def build(
     checkpoint: str,
-    pooling: str = "mean",
-    normalize: bool = True,
-    similarity: str = "cos",
-    temperature: float = 0.02,
-    query_max_len: int = 64,
-    doc_max_len: int = 256,
-    local_dirs: dict | None = None,
+    pooling: str,
+    normalize: bool,
+    similarity: str,
+    temperature: float,
+    query_max_len: int,
+    doc_max_len: int,
+    local_dirs: dict | None,
 ) -> BiEncoder:
     return build_biencoder(
         checkpoint, shared=True, pooling=pooling, normalize=normalize, similarity=similarity,

@@ -23,16 +23,16 @@ from retrievers.encoder import BiEncoder, build_biencoder
 
 def build(
     checkpoint: str,
-    pooling: str = "mean_skip_prefix",
-    skip_prefix_tokens: int = 4,
-    query_prefix: str = "[Q] ",
-    doc_prefix: str = "[D] ",
-    normalize: bool = False,
-    similarity: str = "dot",
-    temperature: float = 1.0,
-    query_max_len: int = 64,
-    doc_max_len: int = 256,
-    local_dirs: dict | None = None,
+    pooling: str,
+    skip_prefix_tokens: int,
+    query_prefix: str,
+    doc_prefix: str,
+    normalize: bool,
+    similarity: str,
+    temperature: float,
+    query_max_len: int,
+    doc_max_len: int,
+    local_dirs: dict | None,
 ) -> BiEncoder:
     return build_biencoder(
         checkpoint, shared=True, pooling=pooling, skip_prefix_tokens=skip_prefix_tokens,

@@ -110,6 +110,18 @@ def compose(overrides: list[str], tmp_path: Path, data_dir: Path | None = None):
         return hydra_compose(config_name="config", overrides=full)
 
 
+def component(overrides: list[str], node: str, **kw):
+    """Instantiate the config node ``node`` (e.g. ``model.encoder`` of ``model=pretrained``) with ``kw``
+    on top: builders take no defaults, so a test gets the YAML's values for what it does not set."""
+    import tempfile
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = compose(overrides, Path(tempfile.gettempdir()) / "drlab-component")
+    return instantiate({**OmegaConf.to_container(OmegaConf.select(cfg, node), resolve=True), **kw})
+
+
 @pytest.fixture
 def compose_cfg():
     """``compose_cfg(overrides, tmp_path, data_dir=None)`` -> composed DictConfig."""

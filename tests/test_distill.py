@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_DOCS, TINY_QUERIES, make_tiny_bert
-from retrievers.colbert import ColBERT, ColbertIndex, build, group_ce_loss, maxsim_all, maxsim_pairs
+from conftest import TINY_DOCS, TINY_QUERIES, component, make_tiny_bert
+from retrievers.colbert import ColBERT, ColbertIndex, group_ce_loss, maxsim_all, maxsim_pairs
 from retrievers.losses import group_scores, kl_teacher_student, margin_mse, simlm_loss, tct_inbatch_kd
 
 DOCS = [f"{t}. {x}" for _, t, x in TINY_DOCS]
@@ -19,7 +19,7 @@ QUERIES = [q for _, q in TINY_QUERIES]
 @pytest.fixture
 def colbert(tmp_path) -> ColBERT:
     ckpt = make_tiny_bert(tmp_path / "bert", DOCS + QUERIES, punctuation=True)
-    return build(str(ckpt), dim=8, query_max_len=12, doc_max_len=24)
+    return component(["model=colbert"], "model.teacher", checkpoint=str(ckpt), dim=8, query_max_len=12, doc_max_len=24)
 
 
 # --------------------------------------------------------------------------- MaxSim
@@ -139,10 +139,9 @@ def test_margin_mse():
 
 def test_cross_encoder_scores_pairs_trains_and_saves(tmp_path):
     from retrievers.cross_encoder import CrossEncoder
-    from retrievers.cross_encoder import build as build_ce
 
     ckpt = make_tiny_bert(tmp_path / "bert", DOCS + QUERIES)
-    ce = build_ce(str(ckpt), max_len=48)
+    ce = component(["model=simlm"], "model.teacher", checkpoint=str(ckpt), max_len=48)
     opt = torch.optim.AdamW(ce.parameters(), lr=5e-3)
     qs, pos, neg = QUERIES[:4], [DOCS[5], DOCS[1], DOCS[2], DOCS[8]], [DOCS[0], DOCS[3], DOCS[4], DOCS[6]]
     first = None
@@ -174,12 +173,12 @@ def test_rerank_stage_trains_teacher_writes_scores_and_eval_reranks(tmp_path, te
 
     root = make_tiny_beir(tmp_path / "data" / "tiny")
     ckpt = make_tiny_bert(tmp_path / "bert", DOCS + QUERIES, punctuation=True)
-    extra = ["+model.teacher.dim=8", "+model.teacher.query_max_len=12", "+model.teacher.doc_max_len=32"] \
-        if teacher == "colbert" else ["+model.teacher.max_len=48"]
+    extra = ["model.teacher.dim=8", "model.teacher.query_max_len=12", "model.teacher.doc_max_len=32"] \
+        if teacher == "colbert" else ["model.teacher.max_len=48"]
     cfg = compose([
         "model=bm25", "data=beir", "data.name=tiny", "data.train_split=test", "debug=tiny",
-        "model.chain=[bm25,rerank,eval]", f"+model.teacher._target_=retrievers.{teacher}.build",
-        f"+model.teacher.checkpoint={ckpt}", *extra,
+        "model.chain=[bm25,rerank,eval]", f"+teacher@model.teacher={teacher}",
+        f"+model.checkpoint={ckpt}", "+model.local_dirs={}", *extra,
         "pipeline.rerank.max_steps=3", "pipeline.rerank.batch_size=2", "pipeline.rerank.n_negatives=2",
         "pipeline.rerank.lr=1e-3", "pipeline.rerank.log_every=1", "pipeline.rerank.neg_window=[1,10]",
         "pipeline.eval.rerank_depth=5", "+runtime.progress=false",
@@ -285,7 +284,7 @@ def test_distill_without_rerank_says_how_to_fix(tmp_path):
 
 def test_score_query_sample_is_seeded_ordered_and_checked():
     from pipelines.executor import ConfigError
-    from pipelines.rerank import score_query_sample
+    from retrievers.reranking import score_query_sample
 
     qids = [f"q{i:03d}" for i in range(50)]
     assert score_query_sample(qids, None, 1) == qids and score_query_sample(qids, 80, 1) == qids
@@ -319,7 +318,7 @@ def test_distill_defaults_follow_the_teacher(tmp_path, overrides, loss, n_neg):
 def test_teacher_quality_against_its_chance_rate():
     """AUC is 1 for a teacher that puts every positive first, 0.5 for one that ties everything,
     0 for an inverted one; the top-1 chance rate is the share of positives among the candidates."""
-    from pipelines.rerank import teacher_quality
+    from retrievers.reranking import teacher_quality
 
     pos = {"q1": {"a", "b"}, "q2": {"x"}}
     perfect = {"q1": {"a": 3.0, "b": 2.0, "c": 1.0, "d": 0.0}, "q2": {"x": 1.0, "y": 0.0}}

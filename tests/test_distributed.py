@@ -16,7 +16,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from retrievers.training import TrainArgs, Trainer, all_reduce_grads, contrastive_step
+from retrievers.contrastive import contrastive_step
+from retrievers.distributed import all_reduce_grads
+from retrievers.training import TrainArgs, Trainer
 from test_training import grads_of, tiny_data, tiny_encoder
 
 WORLD = 2

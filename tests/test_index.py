@@ -11,18 +11,14 @@ import inspect
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import pipelines.runner  # noqa: E402  registers the ${drlab_root:} resolver
-from pipelines import index as ix  # noqa: E402
+from conftest import REPO, component
+from retrievers import embeddings, faiss_index
+from retrievers.errors import IndexBuildError
 
 DOCS = [
     ("d1", "Volcanoes", "Basaltic lava flows from shield volcanoes in Hawaii erupt gently."),
@@ -91,9 +87,8 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def encoder(tiny_model):
-    from retrievers.pretrained import build
-
-    return build(str(tiny_model), query_max_len=32, doc_max_len=64)
+    return component(["model=pretrained"], "model.encoder", checkpoint=str(tiny_model), query_max_len=32,
+                     doc_max_len=64)
 
 
 @pytest.fixture
@@ -142,9 +137,9 @@ def compose(tmp_path: Path, tiny_model: Path, *extra: str):
 def test_flat_search_is_exact_brute_force(encoder, texts):
     docs = encoder.encode(texts, "doc", batch_size=4, progress=False)
     queries = encoder.encode(list(QUERIES.values()), "query", batch_size=4, progress=False)
-    index, params = ix.build_index([docs], "Flat", progress=False)
+    index, params = faiss_index.build_index([docs], "Flat", progress=False)
     assert params["factory"] == "Flat" and params["ntotal"] == len(DOCS)
-    D, I = ix.search(index, queries, k=5, chunk=3)  # chunks of 3 queries: 2 search calls
+    D, I = faiss_index.search(index, queries, k=5, chunk=3)  # chunks of 3 queries: 2 search calls
     scores = queries @ docs.T
     want = np.argsort(-scores, axis=1, kind="stable")[:, :5]
     np.testing.assert_array_equal(I, want)
@@ -161,7 +156,7 @@ def test_encode_matches_unbatched_forward(encoder, texts):
 def test_float16_shards_and_doc_ids_round_trip(encoder, texts, tmp_path):
     ids = [d for d, _, _ in DOCS]
     full = encoder.encode(texts, "doc", batch_size=4, progress=False)
-    info = ix.encode_corpus(encoder, texts, ids, tmp_path, shard_size=5, batch_size=4, progress=False)
+    info = embeddings.encode_corpus(encoder, texts, ids, tmp_path, shard_size=5, batch_size=4, progress=False)
     assert info["shards"] == ["shard_000.npy", "shard_001.npy", "shard_002.npy"]
     assert info["encoded"] == 12 and info["reused"] == 0 and info["dim"] == 32
     parts = [np.load(tmp_path / "embeddings" / s) for s in info["shards"]]
@@ -170,34 +165,33 @@ def test_float16_shards_and_doc_ids_round_trip(encoder, texts, tmp_path):
     np.testing.assert_allclose(np.concatenate(parts).astype(np.float32), full, rtol=2e-3, atol=2e-3)
 
     odd = ["a b", "ünïcode", "x\ty", "42"]
-    ix.write_doc_ids(odd, tmp_path / "doc_ids.txt")
-    assert ix.read_doc_ids(tmp_path / "doc_ids.txt") == odd
-    with pytest.raises(ix.IndexBuildError, match="line break"):
-        ix.write_doc_ids(["bad\nid"], tmp_path / "x.txt")
-    with pytest.raises(ix.IndexBuildError, match="float32"):
-        ix._to_storage(np.array([[1e6]], dtype=np.float32), "float16")
+    embeddings.write_doc_ids(odd, tmp_path / "doc_ids.txt")
+    assert embeddings.read_doc_ids(tmp_path / "doc_ids.txt") == odd
+    with pytest.raises(IndexBuildError, match="line break"):
+        embeddings.write_doc_ids(["bad\nid"], tmp_path / "x.txt")
+    with pytest.raises(IndexBuildError, match="float32"):
+        embeddings._to_storage(np.array([[1e6]], dtype=np.float32), "float16")
 
 
 def test_two_rank_shards_merge_to_single_process(encoder, texts):
     single = encoder.encode(texts, "doc", batch_size=4, progress=False)
-    parts = [ix.encode_corpus_shard(encoder, texts, r, 2, batch_size=4, progress=False) for r in range(2)]
+    parts = [embeddings.encode_corpus_shard(encoder, texts, r, 2, batch_size=4, progress=False) for r in range(2)]
     assert [len(p) for p in parts] == [6, 6]
-    np.testing.assert_allclose(ix.merge_shards(parts), single, atol=1e-5)
+    np.testing.assert_allclose(embeddings.merge_shards(parts), single, atol=1e-5)
     # uneven split: contiguous slices covering every row once
-    bounds = [ix.shard_bounds(7, r, 3) for r in range(3)]
+    bounds = [embeddings.shard_bounds(7, r, 3) for r in range(3)]
     assert bounds == [(0, 2), (2, 4), (4, 7)]
 
 
 def _rank_worker(rank: int, world: int, model_dir: str, work: str, store: str) -> None:
     import torch.distributed as dist
 
-    from retrievers.pretrained import build
-
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        enc = build(model_dir, query_max_len=32, doc_max_len=64)
+        enc = component(["model=pretrained"], "model.encoder", checkpoint=model_dir, query_max_len=32,
+                        doc_max_len=64)
         texts = enc.doc_texts([{"title": t, "text": x} for _, t, x in DOCS])
-        ix.encode_corpus(enc, texts, [d for d, _, _ in DOCS], Path(work), shard_size=5, batch_size=4, progress=False)
+        embeddings.encode_corpus(enc, texts, [d for d, _, _ in DOCS], Path(work), shard_size=5, batch_size=4, progress=False)
     finally:
         dist.destroy_process_group()
 
@@ -217,12 +211,12 @@ def test_rank_aware_encode_corpus_with_a_fake_process_group(encoder, texts, tmp_
             FakeDist.barriers += 1
 
     for rank in (1, 0):
-        monkeypatch.setattr(ix, "_dist", lambda rank=rank: (rank, 2, FakeDist()))
-        info = ix.encode_corpus(encoder, texts, ids, tmp_path / "dist", shard_size=5, batch_size=4, progress=False)
+        monkeypatch.setattr(embeddings, "_dist", lambda rank=rank: (rank, 2, FakeDist()))
+        info = embeddings.encode_corpus(encoder, texts, ids, tmp_path / "dist", shard_size=5, batch_size=4, progress=False)
         assert info["encoded"] == 12 and info["shards"] == ["shard_000.npy", "shard_001.npy", "shard_002.npy"]
     assert FakeDist.barriers == 2 * 2 * 3  # two per shard and rank
-    monkeypatch.setattr(ix, "_dist", lambda: (0, 1, None))
-    single = ix.encode_corpus(encoder, texts, ids, tmp_path / "one", shard_size=5, batch_size=4, progress=False)
+    monkeypatch.setattr(embeddings, "_dist", lambda: (0, 1, None))
+    single = embeddings.encode_corpus(encoder, texts, ids, tmp_path / "one", shard_size=5, batch_size=4, progress=False)
     emb = tmp_path / "dist" / "embeddings"
     assert sorted(p.name for p in emb.glob("*.npy")) == single["shards"]  # rank slices merged, then removed
     for s in single["shards"]:
@@ -238,7 +232,7 @@ def test_two_gloo_ranks_write_the_same_shards_as_one_process(encoder, texts, tin
     import torch.multiprocessing as mp
 
     mp.spawn(_rank_worker, args=(2, str(tiny_model), str(tmp_path / "dist"), str(tmp_path / "store")), nprocs=2)
-    single = ix.encode_corpus(
+    single = embeddings.encode_corpus(
         encoder, texts, [d for d, _, _ in DOCS], tmp_path / "one", shard_size=5, batch_size=4, progress=False
     )
     emb = tmp_path / "dist" / "embeddings"
@@ -261,26 +255,26 @@ def test_hnsw_and_ivfpq_build_and_search():
         return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, exact)])
 
     shards = [x[:1000].astype(np.float16), x[1000:].astype(np.float16)]  # stored as float16
-    hnsw, hp = ix.build_index(shards, "HNSW32", ef_construction=80, ef_search=64, progress=False)
-    assert hp["ef_search"] == 64 and ix._hnsw(hnsw).hnsw.efSearch == 64
-    assert ix._hnsw(hnsw).hnsw.efConstruction == 80
-    assert recall(ix.search(hnsw, q, 10)[1]) >= 0.95
+    hnsw, hp = faiss_index.build_index(shards, "HNSW32", ef_construction=80, ef_search=64, progress=False)
+    assert hp["ef_search"] == 64 and faiss_index._hnsw(hnsw).hnsw.efSearch == 64
+    assert faiss_index._hnsw(hnsw).hnsw.efConstruction == 80
+    assert recall(faiss_index.search(hnsw, q, 10)[1]) >= 0.95
 
-    ivf, vp = ix.build_index(shards, "IVF256,PQ8", nprobe=16, progress=False)
+    ivf, vp = faiss_index.build_index(shards, "IVF256,PQ8", nprobe=16, progress=False)
     # 3000 points < 39 x 256: nlist and the PQ codebooks are clamped and the notes say so
     assert vp["factory"] == "IVF76,PQ8x6" and len(vp["clamped"]) == 2
-    assert vp["nprobe"] == 16 and ix._ivf(ivf).nprobe == 16
-    D, I = ix.search(ivf, q, 10)
+    assert vp["nprobe"] == 16 and faiss_index._ivf(ivf).nprobe == 16
+    D, I = faiss_index.search(ivf, q, 10)
     assert I.shape == (50, 10) and (I >= 0).all() and recall(I) >= 0.3
 
-    with pytest.raises(ix.IndexBuildError, match="index_factory"):
-        ix.build_index(shards, "IVF4,PQ5", progress=False)  # 5 does not divide 32
+    with pytest.raises(IndexBuildError, match="index_factory"):
+        faiss_index.build_index(shards, "IVF4,PQ5", progress=False)  # 5 does not divide 32
 
 
 def test_clamp_factory_leaves_big_corpora_alone():
-    assert ix.clamp_factory("IVF256,PQ32", 1_000_000) == ("IVF256,PQ32", [])
-    assert ix.clamp_factory("HNSW32", 10) == ("HNSW32", [])
-    built, notes = ix.clamp_factory("IVF65536,PQ64x8", 12)
+    assert faiss_index.clamp_factory("IVF256,PQ32", 1_000_000) == ("IVF256,PQ32", [])
+    assert faiss_index.clamp_factory("HNSW32", 10) == ("HNSW32", [])
+    built, notes = faiss_index.clamp_factory("IVF65536,PQ64x8", 12)
     assert built == "IVF1,PQ64x1" and len(notes) == 2
 
 
@@ -296,13 +290,13 @@ def test_index_stage_end_to_end(tmp_path, tiny_model):
     d = Path(summary["stages"]["index"]["dir"])
     for f in ("index.faiss", "doc_ids.txt", "encoder.json", "index_stats.json", "index_params.json", "manifest.json"):
         assert (d / f).exists(), f
-    assert ix.read_doc_ids(d / "doc_ids.txt") == [x for x, _, _ in DOCS]
+    assert embeddings.read_doc_ids(d / "doc_ids.txt") == [x for x, _, _ in DOCS]
     rec = json.loads((d / "encoder.json").read_text())
     assert rec["kind"] == "model" and rec["model"] == str(tiny_model)
     stats = json.loads((d / "index_stats.json").read_text())
     assert stats["index_type"] == "flat" and stats["vectors"] == 12 and stats["index_bytes"] > 0
     assert stats["docs_per_s"] > 0 and stats["encode_seconds"] >= 0 and stats["build_seconds"] >= 0
-    shards, ids = ix.load_embeddings(d)
+    shards, ids = embeddings.load_embeddings(d)
     assert shards[0].dtype == np.float16 and len(ids) == 12
     ev = Path(summary["stages"]["eval"]["dir"])
     report = (ev / "report.md").read_text()
@@ -310,9 +304,7 @@ def test_index_stage_end_to_end(tmp_path, tiny_model):
     assert not (ev / "extra.md").exists()
 
     # the eval run equals a brute-force search over the stored vectors with the recorded encoder
-    from retrievers.pretrained import build
-
-    enc = build(str(tiny_model))
+    enc = component(["model=pretrained"], "model.encoder", checkpoint=str(tiny_model))
     q = enc.encode(list(QUERIES.values()), "query", progress=False)
     stored = np.concatenate(shards).astype(np.float32)
     from retrievers.evaluation import read_trec
@@ -371,7 +363,7 @@ def test_index_stage_resumes_from_shards_after_a_kill(tmp_path, tiny_model, monk
 
 def test_fusion_handles_missing_queries_and_default_weights():
     """eval's fuse: a query one run has no hits for, wsum without weights (ranx rejected both)."""
-    from pipelines.eval import fuse
+    from retrievers.evaluation import fuse
 
     dense = {"q1": {"d1": 0.9, "d2": 0.5, "d3": 0.1}, "q2": {"d3": 0.7, "d1": 0.2}}
     bm25 = {"q1": {"d2": 9.0, "d3": 3.0, "d1": 1.0}}  # no hits for q2

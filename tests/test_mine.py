@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import TINY_DOCS, compose, make_tiny_beir
-from pipelines.mine import DenseMiner, overlap, read_negatives, select_negatives, write_negatives
+from retrievers.mining import DenseMiner, overlap, read_negatives, select_negatives, write_negatives
 from retrievers.ance import AnnRefresher
 from retrievers.training import TrainArgs, Trainer
 from test_training import _Killed, _save_tiny_checkpoint, tiny_data, tiny_encoder
@@ -184,7 +184,8 @@ def test_kill_after_refresh_resumes_at_that_step_with_the_new_negatives(tmp_path
 def test_async_refresh_mines_in_a_second_process(tmp_path):
     ckpt = _save_tiny_checkpoint(tmp_path)
     cfg = {"_target_": "retrievers.dpr.build", "checkpoint": str(ckpt), "shared": True, "pooling": "mean",
-           "query_max_len": 16, "doc_max_len": 32}
+           "normalize": False, "similarity": "dot", "temperature": 1.0, "query_max_len": 16, "doc_max_len": 32,
+           "local_dirs": None}
     from retrievers.encoder import instantiate_encoder
 
     data, initial, refresher = _refresh_setup(
@@ -286,7 +287,7 @@ def test_mine_from_bm25_run_and_bm25_mix(tmp_path):
 
 
 def test_mixed_pool_batches_take_from_both_pools():
-    from retrievers.training import ContrastiveData
+    from retrievers.contrastive import ContrastiveData
 
     docs = {d: t for d, t, _ in TINY_DOCS}
     data = ContrastiveData({"q": "x"}, {"q": ["d1"]}, docs, {"q": ["d2", "d3"]}, 1, {"q": ["d4", "d5"]}, 1)

@@ -9,12 +9,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_DOCS, TINY_QUERIES, compose, make_tiny_beir, make_tiny_bert
+from conftest import CONF_DIR, TINY_DOCS, TINY_QUERIES, compose, make_tiny_beir, make_tiny_bert
 
 TEXTS = [f"{t}. {x} {x}" for _, t, x in TINY_DOCS]
 
 
 @pytest.fixture
+
+def run_loop(method, texts, p, seed, work, device, progress=False):
+    """``pretrain_loop`` with conf/pipeline/pretrain.yaml's values, ``p`` on top (the stage's call)."""
+    from omegaconf import OmegaConf
+
+    from retrievers.pretrain_loop import pretrain_loop
+
+    yaml = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "pipeline" / "pretrain.yaml"))
+    args = {k: v for k, v in {**yaml, **p}.items() if k not in ("enabled", "extra_corpora")}
+    return pretrain_loop(method, texts, **args, seed=seed, work=work, device=device, progress=progress)
+
 def ckpt(tmp_path) -> Path:
     return make_tiny_bert(tmp_path / "bert", TEXTS + [q for _, q in TINY_QUERIES], punctuation=True)
 
@@ -200,7 +211,7 @@ class _Killed(Exception):
 
 
 def test_pretrain_resumes_exactly_after_a_kill(tmp_path, ckpt, caplog):
-    import pipelines.pretrain as pt
+    import retrievers.pretrain_loop as pt
     from retrievers.simlm import SimLMPretrainer
 
     p = {"batch_size": 4, "max_steps": 6, "lr": 1e-3, "save_every": 2, "log_every": 1}
@@ -210,11 +221,11 @@ def test_pretrain_resumes_exactly_after_a_kill(tmp_path, ckpt, caplog):
         return SimLMPretrainer(str(ckpt), generator="joint", seed=0)
 
     ref = fresh()
-    hist_ref, _, _ = pt.pretrain_loop(ref, TEXTS, p, 0, tmp_path / "ref", "cpu", progress=False)
+    hist_ref, _, _ = run_loop(ref, TEXTS, p, 0, tmp_path / "ref", "cpu", progress=False)
 
     killed = fresh()
     orig = pt.atomic_torch_save if hasattr(pt, "atomic_torch_save") else None
-    import retrievers.training as tr
+    import retrievers.train_utils as tr
 
     real_save = tr.atomic_torch_save
 
@@ -226,13 +237,13 @@ def test_pretrain_resumes_exactly_after_a_kill(tmp_path, ckpt, caplog):
     tr.atomic_torch_save = save_then_die
     try:
         with pytest.raises(_Killed):
-            pt.pretrain_loop(killed, TEXTS, p, 0, tmp_path / "work", "cpu", progress=False)
+            run_loop(killed, TEXTS, p, 0, tmp_path / "work", "cpu", progress=False)
     finally:
         tr.atomic_torch_save = real_save
     del orig
     resumed = fresh()
     with caplog.at_level(logging.INFO, logger="drlab"):
-        hist, steps, _ = pt.pretrain_loop(resumed, TEXTS, p, 0, tmp_path / "work", "cpu", progress=False)
+        hist, steps, _ = run_loop(resumed, TEXTS, p, 0, tmp_path / "work", "cpu", progress=False)
     assert "resuming pretrain from step 4" in caplog.text and steps == 6
     assert [r["loss"] for r in hist] == [r["loss"] for r in hist_ref]
     for k, v in ref.state_dict().items():
@@ -292,12 +303,11 @@ def test_small_random_init_and_no_pretraining(tmp_path, ckpt):
 
 
 def test_no_pretraining_row_runs_no_step(tmp_path, ckpt):
-    import pipelines.pretrain as pt
     from retrievers.pretraining import no_pretraining
 
     m = no_pretraining(str(ckpt), {"num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2,
                                    "intermediate_size": 32}, tasks=["ict"], seed=0)  # a family's extra keys ignored
-    hist, steps, _ = pt.pretrain_loop(m, TEXTS, {"max_steps": 5}, 0, tmp_path / "w", "cpu", progress=False)
+    hist, steps, _ = run_loop(m, TEXTS, {"max_steps": 5}, 0, tmp_path / "w", "cpu", progress=False)
     assert steps == 0 and hist == []
 
 
@@ -339,16 +349,15 @@ def test_sample_tokens_follows_the_softmax():
 def test_pretrain_precision_bf16_trains_and_keeps_old_keys(tmp_path, ckpt):
     """bf16 autocast runs; precision=fp32 (the behaviour before the option existed) keeps the
     pretrain keys of finished runs, bf16 gets its own; an unknown value names the choices."""
-    import pipelines.pretrain as pt
     from pipelines.executor import ConfigError
     from retrievers.simlm import SimLMPretrainer
 
     m = SimLMPretrainer(str(ckpt), generator="joint", seed=0)
-    hist, steps, _ = pt.pretrain_loop(m, TEXTS, {"max_steps": 2, "batch_size": 4, "precision": "bf16", "log_every": 1},
+    hist, steps, _ = run_loop(m, TEXTS, {"max_steps": 2, "batch_size": 4, "precision": "bf16", "log_every": 1},
                                       0, tmp_path / "w", "cpu", progress=False)
     assert steps == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in hist)
     with pytest.raises(ConfigError, match="fp32, bf16"):
-        pt.pretrain_loop(m, TEXTS, {"max_steps": 1, "precision": "fp16"}, 0, tmp_path / "w2", "cpu", progress=False)
+        run_loop(m, TEXTS, {"max_steps": 1, "precision": "fp16"}, 0, tmp_path / "w2", "cpu", progress=False)
 
     def key(*extra):
         return _plan_keys(tmp_path, ckpt, "simlm", *extra)["pretrain"]
@@ -408,7 +417,7 @@ def test_a_pretrain_method_option_changes_only_the_pretrain_key(tmp_path, ckpt):
 def test_embedding_spread_flags_a_collapsed_encoder():
     import numpy as np
 
-    from pipelines.pretrain import embedding_spread
+    from retrievers.pretrain_loop import embedding_spread
 
     class Fixed:
         def __init__(self, vecs):

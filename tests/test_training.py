@@ -25,18 +25,16 @@ import torch
 
 from conftest import REPO, TINY_DOCS, TINY_QUERIES, compose, make_tiny_beir
 from retrievers.encoder import BiEncoder
-from retrievers.training import (
-    STATE_FILE,
+from retrievers.contrastive import (
     Batch,
     ContrastiveData,
-    TrainArgs,
-    Trainer,
     contrastive_loss,
     contrastive_loss_unmasked,
     contrastive_step,
     info_nce,
     window_negatives,
 )
+from retrievers.training import STATE_FILE, TrainArgs, Trainer
 
 # --------------------------------------------------------------------------- tiny models
 
