@@ -233,7 +233,7 @@ class AnnRefresher:
     def request(self, encoder, step: int) -> dict[str, list[str]] | None:
         if self.mode == "async":
             self._ensure_worker()
-            from retrievers.training import atomic_torch_save
+            from retrievers.train_utils import atomic_torch_save
 
             sd = {k: v.detach().to("cpu") for k, v in encoder.state_dict().items()}
             atomic_torch_save(sd, self.dir / f"request_step{step:07d}.pt")

@@ -5,7 +5,7 @@
 * **ICT**: a random sentence of a passage is the query; the passage *without* that sentence
   is its positive (with probability ``remove_p`` = 0.9; otherwise the sentence stays, so the
   model also learns lexical matching); other passages of the batch are the negatives
-  (in-batch softmax, :func:`retrievers.training.info_nce`).
+  (in-batch softmax, :func:`retrievers.contrastive.info_nce`).
 * **BFS** (body first selection): the query is a sentence from the *first section* of a
   Wikipedia article, the positive a random passage of the same article. Needs each corpus
   line to carry ``metadata.article`` (article id) and ``metadata.section`` (0 = first).
@@ -119,7 +119,7 @@ class ICTPretrainer(nn.Module):
         return nn.functional.normalize(pool(out, b["attention_mask"], "mean"), dim=-1), int(b["attention_mask"].sum())
 
     def loss(self, texts):
-        from retrievers.training import info_nce
+        from retrievers.contrastive import info_nce
 
         pairs = [self.pair(t) for t in texts]
         q, nq = self._embed([a for a, _ in pairs], self.q_len)

@@ -14,8 +14,6 @@ from conftest import CONF_DIR, TINY_DOCS, TINY_QUERIES, compose, make_tiny_beir,
 TEXTS = [f"{t}. {x} {x}" for _, t, x in TINY_DOCS]
 
 
-@pytest.fixture
-
 def run_loop(method, texts, p, seed, work, device, progress=False):
     """``pretrain_loop`` with conf/pipeline/pretrain.yaml's values, ``p`` on top (the stage's call)."""
     from omegaconf import OmegaConf
@@ -26,6 +24,8 @@ def run_loop(method, texts, p, seed, work, device, progress=False):
     args = {k: v for k, v in {**yaml, **p}.items() if k not in ("enabled", "extra_corpora")}
     return pretrain_loop(method, texts, **args, seed=seed, work=work, device=device, progress=progress)
 
+
+@pytest.fixture
 def ckpt(tmp_path) -> Path:
     return make_tiny_bert(tmp_path / "bert", TEXTS + [q for _, q in TINY_QUERIES], punctuation=True)
 
@@ -346,9 +346,8 @@ def test_sample_tokens_follows_the_softmax():
     assert sample_tokens(peaked).tolist() == [0, 6, 3, 3, 1]
 
 
-def test_pretrain_precision_bf16_trains_and_keeps_old_keys(tmp_path, ckpt):
-    """bf16 autocast runs; precision=fp32 (the behaviour before the option existed) keeps the
-    pretrain keys of finished runs, bf16 gets its own; an unknown value names the choices."""
+def test_pretrain_precision_bf16_trains_and_has_its_own_key(tmp_path, ckpt):
+    """bf16 autocast runs and gets its own pretrain key; an unknown value names the choices."""
     from pipelines.executor import ConfigError
     from retrievers.simlm import SimLMPretrainer
 
@@ -362,9 +361,8 @@ def test_pretrain_precision_bf16_trains_and_keeps_old_keys(tmp_path, ckpt):
     def key(*extra):
         return _plan_keys(tmp_path, ckpt, "simlm", *extra)["pretrain"]
 
-    before = key("~pipeline.pretrain.precision")
-    assert key("pipeline.pretrain.precision=fp32") == before
-    assert key("pipeline.pretrain.precision=bf16") != before
+    assert key("pipeline.pretrain.precision=fp32") == key()
+    assert key("pipeline.pretrain.precision=bf16") != key()
 
 
 def test_replaced_lm_losses_do_not_score_cls_and_sep(ckpt):
