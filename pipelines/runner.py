@@ -17,7 +17,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines import all_stages
-from retrievers.data import ensure_available
 from pipelines.executor import PlanItem, execute, format_plan, plan
 from retrievers.data import ensure_available
 

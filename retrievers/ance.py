@@ -48,8 +48,8 @@ from typing import Any
 
 import torch
 
-from retrievers.mining import overlap, read_negatives, write_negatives
 from retrievers.encoder import BiEncoder, build_biencoder
+from retrievers.mining import overlap, read_negatives, write_negatives
 
 log = logging.getLogger("drlab")
 

@@ -320,10 +320,10 @@ def _load_dpr(ds: Dataset, root: Path, files: dict, splits: list[str], with_corp
             qid = str(it.get("id", f"{s}-{i}"))
             ds.queries[qid] = question
 
-            def pid(ctx: dict) -> str:
+            def pid(ctx: dict, where: str = f"{path}: item {i}") -> str:
                 p = ctx.get("passage_id", ctx.get("psg_id", ctx.get("id")))
                 if p is None:
-                    raise DataError(f"{path}: item {i} has a context without 'passage_id'")
+                    raise DataError(f"{where} has a context without 'passage_id'")
                 if with_corpus and str(p) not in ds.corpus:
                     ds.corpus[str(p)] = {"title": str(ctx.get("title") or ""), "text": str(ctx.get("text") or "")}
                 return str(p)

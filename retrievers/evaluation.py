@@ -139,7 +139,8 @@ def unseen_queries(eval_qrels, train_qrels) -> list[str]:
 
 def fuse(runs: dict[str, dict], method: str, weights: list[float] | None = None) -> dict:
     """ranx fusion of runs (``rrf`` or ``wsum`` on min-max normalised scores)."""
-    from ranx import Run, fuse as ranx_fuse
+    from ranx import Run
+    from ranx import fuse as ranx_fuse
 
     if method not in ("rrf", "wsum"):
         raise ValueError(f"pipeline.eval.fusion '{method}' unknown; valid choices: rrf, wsum (or null)")

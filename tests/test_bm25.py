@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, TINY_QUERIES, TINY_TEST_QRELS, compose, make_tiny_beir, tiny_overrides
+
 from retrievers import bm25
 
 
@@ -142,6 +142,7 @@ def test_summary_metrics(first_run):
     eval_dir = Path(s["stages"]["eval"]["dir"])
     # the same numbers from trec_eval (pytrec_eval) on the eval stage's run file
     import pytrec_eval
+
     from retrievers.evaluation import read_trec
 
     run = read_trec(eval_dir / "runs" / "test.trec")

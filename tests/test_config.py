@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CONF_DIR, REPO, compose
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, REPO, compose
-from retrievers.data import expected_files
 from pipelines.executor import STAGE_ORDER, chain_of
+from retrievers.data import expected_files
 
 
 def _names(group: str) -> list[str]:

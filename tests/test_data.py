@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, make_tiny_beir, tiny_data_cfg, write_jsonl, write_qrels
+
 from retrievers.data import DataError, ensure_available, load_dataset, read_beir_queries, read_qrels
 
 

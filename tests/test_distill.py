@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_DOCS, TINY_QUERIES, component, make_tiny_bert
+
 from retrievers.colbert import ColBERT, ColbertIndex, group_ce_loss, maxsim_all, maxsim_pairs
 from retrievers.losses import group_scores, kl_teacher_student, margin_mse, simlm_loss, tct_inbatch_kd
 
@@ -169,9 +169,10 @@ def test_rerank_stage_trains_teacher_writes_scores_and_eval_reranks(tmp_path, te
     from pathlib import Path
 
     from conftest import compose, make_tiny_beir
+
     from pipelines.runner import run_pipeline
 
-    root = make_tiny_beir(tmp_path / "data" / "tiny")
+    make_tiny_beir(tmp_path / "data" / "tiny")
     ckpt = make_tiny_bert(tmp_path / "bert", DOCS + QUERIES, punctuation=True)
     extra = ["model.teacher.dim=8", "model.teacher.query_max_len=12", "model.teacher.doc_max_len=32"] \
         if teacher == "colbert" else ["model.teacher.max_len=48"]
@@ -257,6 +258,7 @@ def test_family_chains_distil_end_to_end(tmp_path, family, extra):
     from pathlib import Path
 
     from conftest import compose, make_tiny_beir
+
     from pipelines.runner import run_pipeline
 
     make_tiny_beir(tmp_path / "data" / "tiny")
@@ -274,6 +276,7 @@ def test_family_chains_distil_end_to_end(tmp_path, family, extra):
 
 def test_distill_without_rerank_says_how_to_fix(tmp_path):
     from conftest import compose, make_tiny_beir
+
     from pipelines.executor import ConfigError
     from pipelines.runner import run_pipeline
 
@@ -305,9 +308,8 @@ def test_score_query_sample_is_seeded_ordered_and_checked():
 ])
 def test_the_family_yaml_chooses_the_distill_loss(tmp_path, overrides, loss, n_neg):
     """The loss is a `_target_` component the family YAML selects (conf/loss/); code tests no strings."""
-    from hydra.utils import instantiate
-
     from conftest import compose
+    from hydra.utils import instantiate
 
     cfg = compose([*overrides, "data=scifact"], tmp_path)
     assert type(instantiate(cfg.pipeline.distill.loss)).__name__ == loss

@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_training import grads_of, tiny_data, tiny_encoder
 
 from retrievers.contrastive import contrastive_step
 from retrievers.distributed import all_reduce_grads
 from retrievers.training import TrainArgs, Trainer
-from test_training import grads_of, tiny_data, tiny_encoder
 
 WORLD = 2
 BATCH = 6  # global: 3 examples per rank, 3 documents each (positive + 2 BM25-style negatives)

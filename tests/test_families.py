@@ -8,11 +8,18 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import (
+    CONF_DIR,
+    TINY_DOCS,
+    TINY_QUERIES,
+    TINY_TEST_QRELS,
+    TINY_TRAIN_QRELS,
+    compose,
+    make_tiny_beir,
+    make_tiny_bert,
+)
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
-from conftest import CONF_DIR, TINY_DOCS, TINY_QUERIES, TINY_TEST_QRELS, TINY_TRAIN_QRELS, compose, make_tiny_beir
-from conftest import make_tiny_bert
 
 FAMILIES = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 TEXTS = [f"{t} {x}" for _, t, x in TINY_DOCS] + [q for _, q in TINY_QUERIES]
@@ -43,7 +50,7 @@ def test_every_target_of_a_family_instantiates(tmp_path, bert, family):
     found = dict(targets(tree))
     assert "pipeline.distill.loss" in found
     assert family == "bm25" or {"model.encoder", "model.teacher"} & set(found), found
-    for path, node in found.items():
+    for path, _node in found.items():
         obj = instantiate(OmegaConf.select(cfg, path))
         assert obj is not None, path
 
@@ -78,7 +85,7 @@ def _write_msmarco(root: Path) -> None:
     root.mkdir(parents=True)
     (root / "collection.tsv").write_text("".join(f"{d}\t{t}. {x}\n" for d, t, x in TINY_DOCS))
     q = dict(TINY_QUERIES)
-    for split, qrels, name in (("train", TINY_TRAIN_QRELS, "train"), ("dev", TINY_TEST_QRELS, "dev.small")):
+    for _split, qrels, name in (("train", TINY_TRAIN_QRELS, "train"), ("dev", TINY_TEST_QRELS, "dev.small")):
         (root / f"queries.{name}.tsv").write_text("".join(f"{k}\t{q[k]}\n" for k in qrels))
         (root / f"qrels.{name}.tsv").write_text("".join(f"{k}\t0\t{d}\t{r}\n" for k, v in qrels.items()
                                                          for d, r in v.items()))

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, component
+
 from retrievers import embeddings, faiss_index
 from retrievers.errors import IndexBuildError
 
@@ -325,8 +325,8 @@ def test_index_stage_end_to_end(tmp_path, tiny_model):
 
 
 def test_index_stage_resumes_from_shards_after_a_kill(tmp_path, tiny_model, monkeypatch):
-    from retrievers.encoder import BiEncoder
     from pipelines.runner import run_pipeline
+    from retrievers.encoder import BiEncoder
 
     cfg = compose(tmp_path, tiny_model, "pipeline.index.shard_size=5", "pipeline.index.reuse_embeddings=false")
     calls: list[int] = []

@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import compose
+
 from pipelines import all_stages
 from pipelines.executor import plan
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-
 import pytrec_eval  # dev extra (pytrec-eval-terrier): the trec_eval reference
 
 from retrievers.evaluation import evaluate, read_trec, recall_curve, trec_order, write_trec

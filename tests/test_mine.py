@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_DOCS, compose, make_tiny_beir
-from retrievers.mining import DenseMiner, overlap, read_negatives, select_negatives, write_negatives
-from retrievers.ance import AnnRefresher
-from retrievers.training import TrainArgs, Trainer
 from test_training import _Killed, _save_tiny_checkpoint, tiny_data, tiny_encoder
+
+from retrievers.ance import AnnRefresher
+from retrievers.mining import DenseMiner, overlap, read_negatives, select_negatives, write_negatives
+from retrievers.training import TrainArgs, Trainer
 
 # --------------------------------------------------------------------------- selection
 

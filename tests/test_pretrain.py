@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CONF_DIR, TINY_DOCS, TINY_QUERIES, compose, make_tiny_beir, make_tiny_bert
 
 TEXTS = [f"{t}. {x} {x}" for _, t, x in TINY_DOCS]
@@ -142,7 +141,7 @@ def test_contriever_views_are_independent_crops(ckpt):
     text = " ".join(TEXTS)
     n_tok = len(m.tokenizer(text, add_special_tokens=False)["input_ids"])
     a, b = m.views([text] * 6)
-    la, lb = a["attention_mask"].sum(1) - 2, b["attention_mask"].sum(1) - 2
+    la, _lb = a["attention_mask"].sum(1) - 2, b["attention_mask"].sum(1) - 2
     assert (la <= 0.5 * n_tok + 1).all() and (la >= 1).all()
     assert not torch.equal(a["input_ids"][:, :5], b["input_ids"][:, :5])  # independent crops
     loss, logs = m.loss(TEXTS[:4])

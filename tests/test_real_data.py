@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, compose
 
 pytestmark = pytest.mark.data
@@ -66,6 +65,7 @@ def test_scifact_flat_matches_pyserini(scifact_flat):
 
 def test_scifact_flat_equals_trec_eval(scifact_flat):
     import pytrec_eval
+
     from retrievers.data import read_qrels
     from retrievers.evaluation import read_trec
 

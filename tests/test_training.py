@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, TINY_DOCS, TINY_QUERIES, compose, make_tiny_beir
-from retrievers.encoder import BiEncoder
+
 from retrievers.contrastive import (
     Batch,
     ContrastiveData,
@@ -34,6 +33,7 @@ from retrievers.contrastive import (
     info_nce,
     window_negatives,
 )
+from retrievers.encoder import BiEncoder
 from retrievers.training import STATE_FILE, TrainArgs, Trainer
 
 # --------------------------------------------------------------------------- tiny models

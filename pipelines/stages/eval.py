@@ -92,8 +92,8 @@ def run(ctx: Context) -> dict[str, float]:
         doc_text = {d: full.doc_text(d) for d in full.corpus}
         del full
     if rr_depth and "rerank" in ctx.upstream:
-        from retrievers.reranking import load_teacher, rerank_run
         from retrievers.encoder import resolve_device
+        from retrievers.reranking import load_teacher, rerank_run
 
         teacher = load_teacher(ctx.cfg.model.teacher, ctx.upstream["rerank"] / "checkpoint")
         teacher.to(resolve_device(str(ctx.runtime.device)))
@@ -106,8 +106,8 @@ def run(ctx: Context) -> dict[str, float]:
     e2e_name = None
     if p.get("colbert_e2e") and "rerank" in ctx.upstream:
         from retrievers.colbert import ColbertIndex
-        from retrievers.reranking import load_teacher
         from retrievers.encoder import resolve_device
+        from retrievers.reranking import load_teacher
 
         teacher = load_teacher(ctx.cfg.model.teacher, ctx.upstream["rerank"] / "checkpoint")
         if not hasattr(teacher, "score_all"):
