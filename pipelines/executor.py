@@ -34,6 +34,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines import keys as K
+from pipelines.manifest import DamagedCacheError, file_hash, problems, record_files  # noqa: F401  (re-exported)
 from pipelines.provenance import git_state, package_versions, peak_rss_mb, reset_peak_rss
 from retrievers.errors import ConfigError
 
@@ -119,7 +120,7 @@ class Context:
 class PlanItem:
     stage: str
     key: str | None
-    status: str  # cached | run | force | disabled
+    status: str  # cached | run | force | disabled | damaged (a manifest whose files do not match: recomputed)
     dir: Path | None
     seconds: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
@@ -204,7 +205,7 @@ def plan(cfg: DictConfig, stages: dict[str, Stage], target: str, force: list[str
         if name in force or "all" in force:
             status = "force"
         elif (d / "manifest.json").exists():
-            status = "cached"
+            status = "damaged" if problems(d) else "cached"
         else:
             status = "run"
         items.append(PlanItem(name, key, status, d, uses=uses[name], reads=reads))
@@ -213,7 +214,8 @@ def plan(cfg: DictConfig, stages: dict[str, Stage], target: str, force: list[str
 
 def format_plan(items: list[PlanItem]) -> str:
     width = max(len(i.stage) for i in items)
-    label = {"cached": "cached", "run": "to run", "force": "forced", "disabled": "disabled", "ran": "ran"}
+    label = {"cached": "cached", "run": "to run", "force": "forced", "disabled": "disabled", "ran": "ran",
+             "damaged": "damaged"}
     rows = [
         f"  {i.stage:<{width}}  {label[i.status]:<8}  {i.key or '-'}" + (f"  <- {', '.join(i.uses)}" if i.uses else "")
         for i in items
@@ -288,7 +290,7 @@ def execute(cfg: DictConfig, stages: dict[str, Stage], items: list[PlanItem], ca
         lock = FileLock(str(lock_dir / f"{item.key}.lock")) if rank == 0 else nullcontext()
         with lock:
             manifest = final / "manifest.json"
-            cached = _agree(dist, manifest.exists() and item.status != "force")
+            cached = _agree(dist, manifest.exists() and item.status != "force" and _intact(cfg, item, final))
             if cached:
                 m = json.loads(manifest.read_text())
                 item.status, item.metrics, item.seconds = "cached", m.get("metrics", {}), 0.0
@@ -296,6 +298,26 @@ def execute(cfg: DictConfig, stages: dict[str, Stage], items: list[PlanItem], ca
             else:
                 _run_one(cfg, stage, item, final, {u: done[u] for u in item.uses})
         done[item.stage] = final
+
+
+def _intact(cfg: DictConfig, item: PlanItem, final: Path) -> bool:
+    """A finished dir whose files match its manifest (sizes; hashes with ``verify=true``). A damaged one
+    is set aside as ``<key>.damaged-<time>`` and recomputed, or stops the run with ``strict=true``."""
+    found = problems(final, hashes=bool(cfg.get("verify", False)))
+    if not found:
+        return True
+    listing = "\n  ".join(found)
+    if cfg.get("strict", False):
+        raise DamagedCacheError(
+            f"[{item.stage}] the cached stage {final} does not match its manifest:\n  {listing}\n"
+            f"Fix: recompute it (force=[{item.stage}]), or run without strict=true to set it aside and recompute."
+        )
+    aside = final.with_name(f"{final.name}.damaged-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    os.replace(final, aside)
+    log.error("[%s] cached stage does not match its manifest, set aside as %s and recomputed:\n  %s",
+              item.stage, aside.name, listing)
+    item.status = "run"
+    return False
 
 
 def _run_one(cfg, stage: Stage, item: PlanItem, final: Path, upstream: dict[str, Path]):
@@ -335,9 +357,7 @@ def _run_one(cfg, stage: Stage, item: PlanItem, final: Path, upstream: dict[str,
         item.status, item.seconds, item.metrics = "ran", seconds, metrics
         dist.barrier()  # wait for rank 0's manifest and rename
         return
-    files = {
-        str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()
-    }
+    files = record_files(partial)
     manifest = {
         "stage": stage.name,
         "version": stage.version,

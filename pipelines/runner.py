@@ -115,7 +115,7 @@ def _summary(cfg: DictConfig, items: list[PlanItem], seconds: float) -> dict[str
         "metrics": metrics,
         "stages": {
             i.stage: {
-                "status": {"force": "pending", "run": "pending"}.get(i.status, i.status),
+                "status": {"force": "pending", "run": "pending", "damaged": "pending"}.get(i.status, i.status),
                 "seconds": round(i.seconds, 2),
                 "peak_rss_mb": i.peak_rss_mb,
                 "key": i.key,

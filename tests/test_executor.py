@@ -334,7 +334,7 @@ def test_manifest_contents(env):
     assert "path" not in m["reads"]["data"] and "fingerprint" in m["reads"]["data"], "data is hashed by content"
     assert m["metrics"] == {"score": 0.25, "call": 1.0}
     d = by["retriever1"].dir
-    assert m["files"] == {
+    assert {k: v["size"] for k, v in m["files"].items()} == {
         "retriever1.txt": (d / "retriever1.txt").stat().st_size,
         "sub/vectors.bin": 1234,
     }
@@ -566,3 +566,82 @@ def test_concurrent_processes_run_a_stage_once(tmp_path):
     for stage_dir in (tmp_path / "cache").iterdir():
         finals = [d for d in stage_dir.iterdir()]
         assert len(finals) == 1 and (finals[0] / "manifest.json").exists(), finals
+
+
+# --------------------------------------------------------------------------- verified cache hits
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncate":  # cut at a line boundary, as a killed copy would
+        path.write_bytes(data[: data.rfind(b"\n", 0, len(data) - 1) + 1] if b"\n" in data[:-1] else b"")
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "flip":  # same size, one byte changed
+        path.write_bytes(bytes([data[0] ^ 1]) + data[1:])
+    elif how == "delete":
+        path.unlink()
+
+
+@pytest.mark.parametrize("how", ["truncate", "empty", "delete"])
+def test_a_damaged_artifact_is_detected_by_size_and_recomputed(env, how):
+    cfg = fake_cfg(env["data"])
+    first = {i.stage: i for i in do_run(env, cfg)}
+    target = first["bm25"].dir / "bm25.txt"
+    (first["bm25"].dir / "bm25.txt").write_text("line one\nline two\n" * 3)  # a multi-line artifact ...
+    manifest = json.loads((first["bm25"].dir / "manifest.json").read_text())
+    manifest["files"]["bm25.txt"] = {"size": target.stat().st_size, "blake2b": executor.file_hash(target)}
+    (first["bm25"].dir / "manifest.json").write_text(json.dumps(manifest))  # ... recorded as written
+    _damage(target, how)
+    assert statuses(do_plan(env, cfg))["bm25"] == "damaged", "the plan (and a dry run) sees it"
+    second = {i.stage: i for i in do_run(env, cfg)}
+    assert second["bm25"].status == "ran" and env["fakes"].calls["bm25"] == 2
+    assert list(env["cache"].joinpath("bm25").glob("*.damaged-*")), "the damaged dir is kept aside, not reused"
+    assert (second["bm25"].dir / "bm25.txt").read_text().startswith("bm25 ")
+
+
+def test_same_size_corruption_is_caught_with_verify_and_strict_stops(env):
+    cfg = fake_cfg(env["data"])
+    first = {i.stage: i for i in do_run(env, cfg)}
+    _damage(first["retriever1"].dir / "retriever1.txt", "flip")
+    assert statuses(do_plan(env, cfg))["retriever1"] == "cached", "sizes match: only the hash can tell"
+    do_run(env, cfg)
+    assert env["fakes"].calls["retriever1"] == 1, "without verify, a same-size change goes unseen"
+    strict = fake_cfg(env["data"], verify=True, strict=True)
+    with pytest.raises(executor.DamagedCacheError, match=r"(?s)retriever1\.txt: content differs.*force=\[retriever1\]"):
+        do_run(env, strict)
+    verified = fake_cfg(env["data"], verify=True)
+    items = {i.stage: i for i in do_run(env, verified)}
+    assert items["retriever1"].status == "ran" and items["bm25"].status == "cached"
+
+
+def test_manifest_records_size_and_hash_of_every_artifact(env):
+    items = {i.stage: i for i in do_run(env, fake_cfg(env["data"]))}
+    d = items["eval"].dir
+    files = json.loads((d / "manifest.json").read_text())["files"]
+    assert files == {"eval.txt": {"size": (d / "eval.txt").stat().st_size, "blake2b": executor.file_hash(d / "eval.txt")}}
+
+
+def test_cache_verify_and_gc_commands(env, tmp_path, capsys):
+    from pipelines import cache as cache_cli
+
+    out = env["cache"].parent
+    items = {i.stage: i for i in do_run(env, fake_cfg(env["data"]))}
+    assert cache_cli.main(["verify", "--outputs", str(out)]) == 0
+    _damage(items["eval"].dir / "eval.txt", "flip")
+    assert cache_cli.main(["verify", "--outputs", str(out), "--sizes-only"]) == 0
+    assert cache_cli.main(["verify", "--outputs", str(out)]) == 1
+    assert "eval.txt: content differs" in capsys.readouterr().out
+    # a run summary references bm25 and pretrain; leftovers and the rest are listed, then removed
+    (out / "runs" / "r1").mkdir(parents=True)
+    (out / "runs" / "r1" / "summary.json").write_text(json.dumps({"stages": {
+        s: {"dir": str(items[s].dir)} for s in ("bm25", "pretrain")}}))
+    (items["eval"].dir.parent / f"{items['eval'].key}.partial").mkdir()
+    (items["eval"].dir.parent / f"{items['eval'].key}.work").mkdir()
+    assert cache_cli.main(["gc", "--outputs", str(out)]) == 0
+    listed = capsys.readouterr().out
+    assert ".partial" in listed and ".work" in listed and "unreferenced" in listed
+    assert items["bm25"].key not in listed and items["pretrain"].key not in listed
+    cache_cli.main(["gc", "--outputs", str(out), "--remove"])
+    left = sorted(p.name for p in cache_cli.entries(out / "cache"))
+    assert left == sorted([items["bm25"].key, items["pretrain"].key])
