@@ -55,7 +55,11 @@ def _strip_machine(value: Any) -> Any:
     return value
 
 
-_FP_CACHE: dict[tuple, dict[str, str]] = {}
+_FP_CACHE: dict[str, str] = {}
+#: where file hashes persist between runs (the runner sets ``<output_dir>/cache/fingerprints.json``)
+FINGERPRINT_STORE: Path | None = None
+STORE_WRITABLE = True  # a dry run reads the store but writes nothing
+_store_loaded: Path | None = None
 
 
 def _file_hash(path: Path) -> str:
@@ -66,24 +70,50 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+def _load_store() -> None:
+    global _store_loaded
+    if FINGERPRINT_STORE is None or _store_loaded == FINGERPRINT_STORE:
+        return
+    _store_loaded = FINGERPRINT_STORE
+    try:
+        _FP_CACHE.update(json.loads(Path(FINGERPRINT_STORE).read_text()))
+    except (OSError, ValueError):
+        pass  # no store yet, or a damaged one: files are hashed again
+
+
+def _save_store() -> None:
+    if FINGERPRINT_STORE is None or not STORE_WRITABLE:
+        return
+    store = Path(FINGERPRINT_STORE)
+    store.parent.mkdir(parents=True, exist_ok=True)
+    tmp = store.with_name(f"{store.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_FP_CACHE, sort_keys=True))
+    os.replace(tmp, store)
+
+
 def data_fingerprint(path: str | os.PathLike) -> dict[str, str]:
     """Content fingerprint of a dataset directory: relative file name -> hash of the whole file.
 
-    Whole files are hashed (an edit anywhere moves the key); each file's hash is cached in
-    this process by (path, size, mtime, inode), so a corpus is read once per run.
+    Whole files are hashed (an edit anywhere moves the key). Each hash is remembered by the file's
+    (absolute path, size, mtime, inode), in this process and in :data:`FINGERPRINT_STORE`, so a
+    large corpus is read once, not once per run; a file changed in place gets a new entry.
     """
     root = Path(path)
     if not root.exists():
         return {"absent": root.name}
+    _load_store()
     out: dict[str, str] = {}
+    new = False
     for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
         if f.suffix.lower() in _NOT_DATA and f.name.lower() != "corpus.jsonl.gz":
             continue
         st = f.stat()
-        ck = (str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+        ck = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
         if ck not in _FP_CACHE:
-            _FP_CACHE[ck] = _file_hash(f)  # type: ignore[assignment]
-        out[str(f.relative_to(root))] = _FP_CACHE[ck]  # type: ignore[assignment]
+            _FP_CACHE[ck], new = _file_hash(f), True
+        out[str(f.relative_to(root))] = _FP_CACHE[ck]
+    if new:
+        _save_store()
     return out
 
 

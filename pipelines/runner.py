@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines import all_stages
+from pipelines import all_stages, keys
 from pipelines.executor import PlanItem, execute, format_plan, plan
 from retrievers.data import ensure_available
 
@@ -43,6 +43,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     torch_threads(cfg)
     out_root = Path(cfg.paths.output_dir)
     cache = out_root / "cache"
+    keys.FINGERPRINT_STORE, keys.STORE_WRITABLE = cache / "fingerprints.json", not cfg.get("dry_run")
     stages = all_stages()
     force = list(cfg.get("force") or [])
     ensure_available(OmegaConf.to_container(cfg.data, resolve=True), _data_splits(cfg))

@@ -6,6 +6,7 @@ Each stage declares the config nodes it reads and the earlier stages it uses
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -142,3 +143,22 @@ def test_target_plans_only_what_it_uses(tmp_path, data):
     assert set(items) == {"bm25", "pretrain", "retriever1"}
     assert set(keys_for(["model=simlm"], tmp_path, target="rerank")) == {
         "bm25", "pretrain", "retriever1", "mine", "retriever2", "rerank"}
+
+
+def test_file_hashes_persist_between_runs_and_follow_edits(tmp_path, data, monkeypatch):
+    from pipelines import keys as K
+
+    store = tmp_path / "fingerprints.json"
+    monkeypatch.setattr(K, "FINGERPRINT_STORE", store)
+    monkeypatch.setattr(K, "_FP_CACHE", {})
+    first = K.data_fingerprint(data / "tiny")
+    assert store.exists() and len(json.loads(store.read_text())) == len(first)
+    monkeypatch.setattr(K, "_FP_CACHE", {})  # a new process: read from the store, not from the files
+    monkeypatch.setattr(K, "_store_loaded", None)
+    monkeypatch.setattr(K, "_file_hash", lambda p: pytest.fail(f"{p} hashed again"))
+    assert K.data_fingerprint(data / "tiny") == first
+    monkeypatch.undo()
+    monkeypatch.setattr(K, "FINGERPRINT_STORE", store)
+    corpus = data / "tiny" / "corpus.jsonl"
+    corpus.write_text(corpus.read_text().replace("Hawaii", "Hawai'"))  # edited in the middle, same size
+    assert K.data_fingerprint(data / "tiny")["corpus.jsonl"] != first["corpus.jsonl"]
