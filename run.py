@@ -17,6 +17,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines.runner import REPO, run_pipeline
@@ -34,7 +35,11 @@ def _user_errors():
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    if cfg.get("name") is None and hc.mode == RunMode.MULTIRUN and hc.job.override_dirname:
+        # a sweep job's experiment name carries its overrides: jobs never share one pointer
+        cfg.name = f"{cfg.model.name}-{cfg.data.name}-{hc.job.override_dirname}".replace("/", "_")
     try:
         summary = run_pipeline(cfg, run_dir)
     except _user_errors() as e:
@@ -47,28 +52,32 @@ def main(cfg: DictConfig) -> None:
 
 
 def check_overrides(argv: list[str]) -> str | None:
-    """An override naming a config key that does not exist: say which keys do.
+    """Catch before any work what Hydra would report late or unclearly; returns an error message or None.
 
-    Hydra's own message ("Key 'x' is not in struct") does not list the choices.
-    Returns an error message or None.
+    * a key that does not exist: say which keys do (Hydra: "Key 'x' is not in struct");
+    * a value of the wrong type: the schema is the type of the key's value in conf/ (a number
+      where conf/ has a number, true/false where it has a bool, a list where it has a list), so
+      ``pipeline.bm25.k1=abc`` fails here, in a dry run too, not after indexing;
+    * a mandatory value left out (``data=beir`` without ``data.name``).
     """
     from hydra import compose, initialize_config_dir
 
     args = [a for a in argv if "=" in a and not a.startswith("-")]
-    groups = [a for a in args if a.lstrip("+~").split("=")[0].split("/")[0] in GROUPS and "." not in a.split("=")[0]]
-    keys = [a.split("=")[0] for a in args if a not in groups and not a.startswith(("+", "~", "hydra."))]
-    if not keys:
-        return None
-    first_choice = [g.split("=")[0] + "=" + g.split("=", 1)[1].split(",")[0] for g in groups]
+    groups = [a for a in args if a.lstrip("+~").split("=")[0].split("@")[0].split("/")[0] in GROUPS
+              and "." not in a.split("=")[0].split("@")[0]]
+    keys = [a for a in args if a not in groups and not a.startswith(("+", "~", "hydra."))]
+    first = [a.split("=")[0] + "=" + a.split("=", 1)[1].split(",")[0] if "[" not in a and "{" not in a else a
+             for a in groups + keys]
     try:
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=first_choice)
+            cfg = compose("config", overrides=first[: len(groups)])
+            given = compose("config", overrides=first)
     except Exception:
-        return None  # Hydra reports group errors itself, with the available options
+        return None  # Hydra reports these errors itself, with the available options
     # Plain containers, unresolved: a mandatory '???' value (data.name of data=beir) is a
     # key that exists, though `key in DictConfig` says it is not.
     tree = OmegaConf.to_container(cfg, resolve=False)
-    for key in keys:
+    for key in (k.split("=")[0] for k in keys):
         parts = key.split(".")
         node = tree
         for i, p in enumerate(parts):
@@ -83,6 +92,35 @@ def check_overrides(argv: list[str]) -> str | None:
                     f"  (to add a new key on purpose, write +{key}=...)"
                 )
             node = node[p]
+        msg = _type_error(key, node, OmegaConf.to_container(given, resolve=False), parts)
+        if msg:
+            return msg
+    if OmegaConf.is_missing(given.data, "name"):
+        return (f"error: data.name is not set: data={given.data.get('format', 'beir')} reads any dataset by name.\n"
+                f"  Fix: data=beir data.name=<directory under paths.data_dir>, e.g. data=beir data.name=trec-covid")
+    return None
+
+
+def _type_error(key: str, default, tree: dict, parts: list[str]) -> str | None:
+    value = tree
+    for p in parts:
+        value = value[p]
+    if default is None or (isinstance(default, str) and ("${" in default or default == "???")):
+        return None  # no type to check against (null, interpolation, mandatory)
+
+    def kind(v):
+        if isinstance(v, bool):
+            return "true/false"
+        if isinstance(v, (int, float)):
+            return "a number"
+        return {list: "a list", dict: "a mapping", str: "a string"}.get(type(v))
+
+    want, got = kind(default), kind(value)
+    if want == "a string" and got in ("a number", "true/false"):
+        return None  # '1' or 'true' where a name is expected is still a name
+    if value is not None and want != got:
+        return (f"error: config key '{key}' expects {want} (conf/ default: {default!r}), got {value!r}.\n"
+                f"  Fix: {key}=<{want}>")
     return None
 
 
@@ -95,8 +133,15 @@ def rank_run_dir(argv: list[str], rank: int) -> list[str]:
     """
     if rank == 0 or any(a.startswith("hydra.run.dir=") for a in argv):
         return argv
-    return [*argv, f"hydra.run.dir=${{paths.output_dir}}/ranks/${{now:%Y-%m-%d_%H-%M-%S}}_${{model.name}}_"
-                   f"${{data.name}}_rank{rank}"]
+    return [*argv, f"hydra.run.dir=${{paths.output_dir}}/ranks/${{now:%Y-%m-%d_%H-%M-%S}}_${{drlab_uid:}}_"
+                   f"${{model.name}}_${{data.name}}_rank{rank}"]
+
+
+def dry_run_writes_nothing(argv: list[str]) -> list[str]:
+    """``dry_run=true``: no run directory, no Hydra log file (Hydra creates both for every job)."""
+    if not any(a.lower() in ("dry_run=true", "dry_run=1") for a in argv):
+        return argv
+    return [*argv, "hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.run.dir=."]
 
 
 if __name__ == "__main__":
@@ -104,5 +149,5 @@ if __name__ == "__main__":
     if msg:
         print(msg, file=sys.stderr)
         sys.exit(2)
-    sys.argv = [sys.argv[0], *rank_run_dir(sys.argv[1:], int(os.environ.get("RANK", "0")))]
+    sys.argv = [sys.argv[0], *dry_run_writes_nothing(rank_run_dir(sys.argv[1:], int(os.environ.get("RANK", "0"))))]
     main()

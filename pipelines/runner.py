@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -19,16 +20,23 @@ from omegaconf import DictConfig, OmegaConf
 from pipelines import all_stages, keys
 from pipelines.executor import PlanItem, execute, format_plan, plan
 from retrievers.data import ensure_available
+from retrievers.errors import ConfigError
 
 log = logging.getLogger("drlab")
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+#: one per process: the run directory's suffix, so two runs started in the same second differ
+RUN_UID = secrets.token_hex(3)
+
+
 def register_resolvers() -> None:
-    """``${drlab_root:}``: the repository root (where run.py lives)."""
+    """``${drlab_root:}``: the repository root (where run.py lives); ``${drlab_uid:}``: :data:`RUN_UID`."""
     if not OmegaConf.has_resolver("drlab_root"):
         OmegaConf.register_new_resolver("drlab_root", lambda: str(REPO))
+    if not OmegaConf.has_resolver("drlab_uid"):
+        OmegaConf.register_new_resolver("drlab_uid", lambda: RUN_UID)
 
 
 register_resolvers()
@@ -46,23 +54,30 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     keys.FINGERPRINT_STORE, keys.STORE_WRITABLE = cache / "fingerprints.json", not cfg.get("dry_run")
     stages = all_stages()
     force = list(cfg.get("force") or [])
-    ensure_available(OmegaConf.to_container(cfg.data, resolve=True), _data_splits(cfg))
+    data = check_data(cfg)
+    # a dry run never downloads: a missing dataset is reported, and its stages show as absent data
+    ensure_available(data, _data_splits(cfg), download=not cfg.get("dry_run"))
     items = plan(cfg, stages, str(cfg.stage), force, cache)
     print(format_plan(items), flush=True)
     if cfg.get("dry_run"):
         return {"plan": [{"stage": i.stage, "key": i.key, "status": i.status} for i in items]}
     rank = init_distributed_from_env(cfg)
     t0 = time.perf_counter()
+    error: BaseException | None = None
     try:
         execute(cfg, stages, items, cache, out_root / "locks")
+    except BaseException as e:
+        error = e
+        raise
     finally:
-        summary = _summary(cfg, items, time.perf_counter() - t0)
+        summary = _summary(cfg, items, time.perf_counter() - t0, error)
         if rank == 0:  # under torchrun only rank 0 writes the run directory
             run_dir.mkdir(parents=True, exist_ok=True)
             _link_stages(run_dir, items)
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            _point_latest(out_root, run_dir)
-            _point_experiment(cfg, out_root, run_dir)
+            if error is None:  # a failed run never replaces the last good one
+                _point_latest(out_root, run_dir)
+                _point_experiment(cfg, out_root, run_dir)
     if rank != 0:
         return summary
     if cfg.get("logger") == "wandb":
@@ -103,13 +118,28 @@ def torch_threads(cfg: DictConfig) -> None:
         torch.set_num_threads(n)
 
 
-def _summary(cfg: DictConfig, items: list[PlanItem], seconds: float) -> dict[str, Any]:
+def check_data(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved ``data`` node, or a ConfigError naming the missing key and the fix."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        return OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        raise ConfigError(
+            f"data.{e.key} is not set (conf/data/{cfg.data.get('format', 'beir')}.yaml leaves it '???'). "
+            f"Fix: give it on the command line, e.g. data=beir data.name=trec-covid"
+        ) from None
+
+
+def _summary(cfg: DictConfig, items: list[PlanItem], seconds: float, error: BaseException | None = None) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     for i in items:
         if i.stage == "eval":
             metrics.update(i.metrics)
     return {
         "name": experiment_name(cfg),
+        "status": "ok" if error is None else "failed",
+        "error": None if error is None else f"{type(error).__name__}: {error}",
         "model": cfg.model.name,
         "data": cfg.data.name,
         "stage": cfg.stage,

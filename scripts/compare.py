@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
-from retrievers.data import read_qrels
+from retrievers.data import load_dataset
 from retrievers.evaluation import _ranked, read_trec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,7 +52,7 @@ def split_variant(arg: str) -> tuple[str, str | None]:
     return arg, None
 
 
-def load(summary_path: Path, variant: str | None = None) -> tuple[str, dict, Path, str]:
+def load(summary_path: Path, variant: str | None = None) -> tuple[str, dict, dict, str]:
     s = json.loads(summary_path.read_text())
     ev = s["stages"].get("eval")
     if not ev or not ev.get("dir"):
@@ -65,8 +66,7 @@ def load(summary_path: Path, variant: str | None = None) -> tuple[str, dict, Pat
             f"error: {summary_path}: no {trec.name} in {trec.parent} (was pipeline.eval."
             f"{'rerank_depth' if variant == 'rerank' else 'colbert_e2e'} on for that run?)"
         )
-    qrels_path = Path(data["path"]) / "qrels" / f"{split}.tsv"
-    return (f"{name}:{variant}" if variant else name), read_trec(trec), qrels_path, split
+    return (f"{name}:{variant}" if variant else name), read_trec(trec), data, split
 
 
 def to_markdown(rep: dict, metrics: list[str], max_p: float) -> str:
@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--metrics", nargs="+", default=["ndcg@10", "mrr@10", "recall@100", "recall@1000"])
     ap.add_argument("--test", default="student", choices=["student", "fisher", "tukey"])
     ap.add_argument("--max-p", type=float, default=0.05)
-    ap.add_argument("--outputs", default=str(REPO / "outputs"))
+    ap.add_argument("--outputs", default=os.environ.get("DRLAB_OUTPUT_DIR", str(REPO / "outputs")),
+                    help="dr-lab's output directory (default: $DRLAB_OUTPUT_DIR, else ./outputs)")
     ap.add_argument("--out", help="also write the Markdown table here")
     args = ap.parse_args(argv)
 
@@ -106,17 +107,12 @@ def main(argv: list[str] | None = None) -> str:
     for a in args.runs:
         base, variant = split_variant(a)
         loaded.append(load(find_summary(base, Path(args.outputs)), variant))
-    qrels_paths = {str(q) for _, _, q, _ in loaded}
-    if len({p for p in qrels_paths}) > 1:
-        raise SystemExit(f"error: the runs are on different datasets/splits: {sorted(qrels_paths)}")
-    qpath = Path(next(iter(qrels_paths)))
-    qrels = read_qrels(qpath)
-    queries_file = qpath.parent.parent / "queries.jsonl"
-    if queries_file.exists():  # as eval: judgments of queries absent from queries.jsonl are dropped
-        from retrievers.data import read_beir_queries
-
-        known = read_beir_queries(queries_file)
-        qrels = {q: d for q, d in qrels.items() if q in known}
+    datasets = {(d["name"], d.get("format", "beir"), d["path"], split) for _, _, d, split in loaded}
+    if len(datasets) > 1:
+        raise SystemExit(f"error: the runs are on different datasets/splits: {sorted(datasets)}")
+    data, split = loaded[0][2], loaded[0][3]
+    # the dataset loader, as eval: any format; judgments of queries absent from the queries file are dropped
+    qrels = load_dataset(data, [split], with_corpus=False).qrels[split]
     runs = []
     for name, run, _, _ in loaded:
         runs.append(ranx.Run({q: d for q, d in _ranked(run).items() if d}, name=name))
