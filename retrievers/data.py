@@ -25,6 +25,7 @@ Validation policy (documented in the README):
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import logging
@@ -167,21 +168,40 @@ def _download_and_extract(url: str, root: Path) -> None:
 # --------------------------------------------------------------------------- readers
 
 
+def _decode(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}). "
+            f"Fix: re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > fixed"
+        ) from None
+
+
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line without its ending) of a UTF-8 text file. A UTF-8 byte-order mark is
+    skipped; invalid UTF-8 is a DataError naming the file and line."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            yield lineno, _decode(raw, path, lineno).rstrip("\r\n")
+
+
 def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}). "
-                    f"Fix or remove that line."
-                ) from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}). "
+                f"Fix or remove that line."
+            ) from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
 
 
 def _id_of(obj: dict, path: Path, lineno: int, key: str = "_id") -> str:
@@ -218,25 +238,23 @@ def read_beir_queries(path: Path) -> dict[str, str]:
 def read_qrels(path: Path) -> dict[str, dict[str, int]]:
     """BEIR (``qid docid score``, optional header) or TREC (``qid iter docid rel``) qrels."""
     qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8", newline="") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            line = raw.rstrip("\r\n")
-            if not line.strip():
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        cols = line.split("\t") if "\t" in line else line.split()
+        if len(cols) == 4:
+            cols = [cols[0], cols[2], cols[3]]
+        if len(cols) != 3:
+            raise DataError(
+                f"{path}:{lineno}: expected 3 columns (query-id, corpus-id, score) or 4 (TREC), got {len(cols)}"
+            )
+        try:
+            rel = int(float(cols[2]))
+        except ValueError:
+            if lineno == 1:  # header line
                 continue
-            cols = line.split("\t") if "\t" in line else line.split()
-            if len(cols) == 4:
-                cols = [cols[0], cols[2], cols[3]]
-            if len(cols) != 3:
-                raise DataError(
-                    f"{path}:{lineno}: expected 3 columns (query-id, corpus-id, score) or 4 (TREC), got {len(cols)}"
-                )
-            try:
-                rel = int(float(cols[2]))
-            except ValueError:
-                if lineno == 1:  # header line
-                    continue
-                raise DataError(f"{path}:{lineno}: relevance '{cols[2]}' is not a number") from None
-            qrels.setdefault(cols[0].strip(), {})[cols[1].strip()] = rel
+            raise DataError(f"{path}:{lineno}: relevance '{cols[2]}' is not a number") from None
+        qrels.setdefault(cols[0].strip(), {})[cols[1].strip()] = rel
     if not qrels:
         raise DataError(f"{path}: no judgments found")
     return qrels
@@ -244,17 +262,15 @@ def read_qrels(path: Path) -> dict[str, dict[str, int]]:
 
 def _read_tsv_pairs(path: Path, what: str) -> dict[str, str]:
     out: dict[str, str] = {}
-    with open(path, encoding="utf-8", newline="") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            line = raw.rstrip("\r\n")
-            if not line:
-                continue
-            cols = line.split("\t")
-            if len(cols) < 2:
-                raise DataError(f"{path}:{lineno}: expected '<id><TAB><text>', got {len(cols)} column(s)")
-            if cols[0] in out:
-                raise DataError(f"{path}:{lineno}: duplicate {what} id '{cols[0]}'")
-            out[cols[0]] = cols[1]
+    for lineno, line in text_lines(path):
+        if not line:
+            continue
+        cols = line.split("\t")
+        if len(cols) < 2:
+            raise DataError(f"{path}:{lineno}: expected '<id><TAB><text>', got {len(cols)} column(s)")
+        if cols[0] in out:
+            raise DataError(f"{path}:{lineno}: duplicate {what} id '{cols[0]}'")
+        out[cols[0]] = cols[1]
     return out
 
 
@@ -296,18 +312,22 @@ def load_dataset(cfg: dict[str, Any], splits: list[str], with_corpus: bool = Tru
 def _load_dpr(ds: Dataset, root: Path, files: dict, splits: list[str], with_corpus: bool) -> None:
     corpus_file = files.get("corpus")
     if with_corpus and corpus_file and (root / corpus_file).exists():
-        with open(root / corpus_file, encoding="utf-8", newline="") as fh:
-            reader = csv.reader(fh, delimiter="\t")
-            for lineno, row in enumerate(reader, 1):
-                if lineno == 1 and row and row[0] == "id":
-                    continue
-                if len(row) < 3:
-                    raise DataError(f"{root / corpus_file}:{lineno}: expected 'id<TAB>text<TAB>title'")
-                ds.corpus[row[0]] = {"title": row[2], "text": row[1]}
+        reader = csv.reader((line for _, line in text_lines(root / corpus_file)), delimiter="\t")
+        for lineno, row in enumerate(reader, 1):
+            if lineno == 1 and row and row[0] == "id":
+                continue
+            if len(row) < 3:
+                raise DataError(f"{root / corpus_file}:{lineno}: expected 'id<TAB>text<TAB>title'")
+            ds.corpus[row[0]] = {"title": row[2], "text": row[1]}
     for s in splits:
         path = root / (files.get("splits") or {}).get(s, f"{s}.json")
+        raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
         try:
-            items = json.loads(path.read_text(encoding="utf-8"))
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            _decode(raw.splitlines(keepends=True)[raw.count(b"\n", 0, e.start)], path, raw.count(b"\n", 0, e.start) + 1)
+        try:
+            items = json.loads(raw.decode("utf-8"))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
         if not isinstance(items, list):
@@ -333,6 +353,10 @@ def _load_dpr(ds: Dataset, root: Path, files: dict, splits: list[str], with_corp
 
 
 def _check(ds: Dataset, strict: bool, root: Path, with_corpus: bool) -> None:
+    if with_corpus and not ds.corpus:
+        raise DataError(f"{root}: the corpus has no documents. Fix: check the corpus file (empty, or only blank lines?)")
+    if ds.qrels and not ds.queries:
+        raise DataError(f"{root}: the queries file has no queries. Fix: check the queries file (empty?)")
     problems: list[str] = []
     for split, qrels in ds.qrels.items():
         unknown_q = [q for q in qrels if q not in ds.queries]

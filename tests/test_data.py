@@ -385,3 +385,44 @@ def test_cli_corrupt_corpus_fails_and_caches_nothing(tmp_path):
 def test_read_queries_direct(tmp_path):
     path = write_jsonl(tmp_path / "q.jsonl", [{"_id": 1, "text": " padded "}, {"_id": "2", "text": "x"}])
     assert read_beir_queries(path) == {"1": "padded", "2": "x"}
+
+
+# --------------------------------------------------------------------------- encodings and empty files
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    root = make_tiny_beir(tmp_path / "tiny")
+    corpus = root / "corpus.jsonl"
+    lines = corpus.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b"Sourdough", b"Sourd\xf6ugh")  # latin-1 o-umlaut
+    corpus.write_bytes(b"".join(lines))
+    with pytest.raises(DataError, match=r"corpus\.jsonl:3: not valid UTF-8 \(byte 0xf6.*iconv"):
+        load(root)
+    qrels = root / "qrels" / "test.tsv"
+    qrels.write_bytes(b"query-id\tcorpus-id\tscore\nq1\td\xe96\t1\n")
+    with pytest.raises(DataError, match=r"test\.tsv:2: not valid UTF-8"):
+        read_qrels(qrels)
+
+
+def test_invalid_utf8_in_dpr_json_names_the_line(tmp_path):
+    root = tmp_path / "nq"
+    root.mkdir()
+    (root / "dev.json").write_bytes(b'[\n {"question": "ok", "positive_ctxs": []},\n {"question": "caf\xe9"}\n]\n')
+    with pytest.raises(DataError, match=r"dev\.json:3: not valid UTF-8"):
+        load_dataset({"name": "nq", "format": "dpr", "path": str(root)}, ["dev"])
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    root = make_tiny_beir(tmp_path / "tiny")
+    for f in (root / "corpus.jsonl", root / "queries.jsonl", root / "qrels" / "test.tsv"):
+        f.write_bytes(b"\xef\xbb\xbf" + f.read_bytes())
+    ds = load(root)
+    assert "d1" in ds.corpus and "q1" in ds.queries and ds.qrels["test"]["q1"] == {"d6": 1}
+
+
+@pytest.mark.parametrize("which", ["corpus.jsonl", "queries.jsonl"])
+def test_an_empty_corpus_or_query_set_is_an_error(tmp_path, which):
+    root = make_tiny_beir(tmp_path / "tiny")
+    (root / which).write_text("\n")
+    with pytest.raises(DataError, match="has no documents" if which == "corpus.jsonl" else "has no queries"):
+        load(root)
