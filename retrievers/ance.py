@@ -314,7 +314,8 @@ class AnnRefresher:
         (self.dir / "STOP").unlink(missing_ok=True)
         ctx = mp.get_context("spawn")
         self._proc = ctx.Process(
-            target=refresh_worker, args=(self.miner, self.encoder_spec, str(self.dir), self.device), daemon=True
+            target=refresh_worker, args=(self.miner, self.encoder_spec, str(self.dir), self.device, os.getpid()),
+            daemon=True
         )
         self._proc.start()
         log.info("[refresh] started the refresh worker (pid %d, %s)", self._proc.pid, self.device)
@@ -328,9 +329,13 @@ class AnnRefresher:
             raise RuntimeError(f"the refresh worker died (exit code {self._proc.exitcode}):\n{detail}")
 
 
-def refresh_worker(miner, encoder_spec, refresh_dir: str, device: str, poll_s: float = 0.2) -> None:
+def refresh_worker(miner, encoder_spec, refresh_dir: str, device: str, parent_pid: int | None = None,
+                   poll_s: float = 0.2) -> None:
     """The inference process of the async refresh: newest request -> negatives file, until STOP."""
     from retrievers.encoder import instantiate_encoder
+    from retrievers.proc import die_with_parent
+
+    die_with_parent(parent_pid)  # a kill -9 of the trainer must not leave this process running
 
     d = Path(refresh_dir)
     try:

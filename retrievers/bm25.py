@@ -26,6 +26,7 @@ for the child only).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -34,6 +35,8 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from retrievers.proc import die_with_parent
 
 log = logging.getLogger("drlab")
 
@@ -97,7 +100,9 @@ def _run_java(main_class: str, args: list[str], log_path: Path, heap: str = "4g"
     with open(log_path, "a") as fh:
         fh.write("$ " + " ".join(cmd) + "\n")
         fh.flush()
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        # the JVM dies with this process, even on kill -9 (no orphan at full CPU)
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                              preexec_fn=functools.partial(die_with_parent, os.getpid()))
     if proc.returncode != 0:
         tail = "".join(Path(log_path).read_text(errors="replace").splitlines(True)[-15:])
         raise JavaError(f"{main_class} failed with exit code {proc.returncode}; see {log_path}:\n{tail}")
