@@ -10,7 +10,7 @@ export DRLAB_DATA_DIR
 DATA ?= scifact
 CHECKPOINT ?= sentence-transformers/all-MiniLM-L6-v2
 
-.PHONY: help setup run test test-data lint bench table-bm25 table-dpr table-ance table-distill table-pretrain clean-cache
+.PHONY: help setup run test test-faults test-data lint bench table-bm25 table-dpr table-ance table-distill table-pretrain clean-cache
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ run: setup ## quickstart on SciFact: BM25, pretrained MiniLM, DPR fine-tuned; pr
 
 test: setup ## fast test suite (CPU, no network, < 15 min)
 	$(PY) -m pytest -q
+
+test-faults: setup ## fault-injection suite: kill -9 at five points of a chain, damaged artifacts, concurrent runs
+	$(PY) -m pytest -q -m faults tests/test_faults.py
 
 test-data: setup ## real-data checks on ../shared/data (BM25 = Pyserini, metrics = trec_eval)
 	$(PY) -m pytest -q -m data

@@ -37,6 +37,7 @@ from pipelines import keys as K
 from pipelines.manifest import DamagedCacheError, file_hash, problems, record_files  # noqa: F401  (re-exported)
 from pipelines.provenance import git_state, package_versions, peak_rss_mb, reset_peak_rss
 from retrievers.errors import ConfigError
+from retrievers.proc import failpoint
 
 log = logging.getLogger("drlab")
 
@@ -338,6 +339,7 @@ def _run_one(cfg, stage: Stage, item: PlanItem, final: Path, upstream: dict[str,
     log.info("[%s] running -> %s%s", stage.name, final, " (work dir has state to resume from)" if resumed else "")
     try:
         metrics = (stage.run(ctx) or {}) if (rank == 0 or stage.distributed) else {}
+        failpoint(f"after_run:{stage.name}")
         if dist is not None:
             dist.barrier()
     except BaseException:
@@ -377,6 +379,7 @@ def _run_one(cfg, stage: Stage, item: PlanItem, final: Path, upstream: dict[str,
         "command": sys.argv,
     }
     _write_json(partial / "manifest.json", manifest)  # written last: marks completion
+    failpoint(f"before_rename:{stage.name}")
     trash = final.with_name(final.name + f".old-{os.getpid()}")
     if final.exists():
         os.replace(final, trash)

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from retrievers.errors import IndexBuildError
+from retrievers.proc import failpoint
 
 log = logging.getLogger("drlab")
 
@@ -207,6 +208,7 @@ def encode_corpus(
             for p in emb_dir.glob(f"shard_{i:03d}.rank*of*.npy"):
                 p.unlink()
             log.info("[index] shard %d/%d: %d docs in %.1fs", i + 1, n_shards, hi - lo, time.perf_counter() - t0)
+            failpoint(f"shard:{i}")
         if dist is not None:
             dist.barrier()
         shards.append(name)

@@ -91,8 +91,10 @@ def recall_curve(qrels: Qrels, run: Run, ks=(1, 5, 10, 20, 50, 100, 200, 500, 10
     return {k: means[f"recall@{k}"] for k in ks}
 
 
-def plot_report(curves: dict[str, dict[int, float]], per_query: dict[str, dict[str, float]], metric: str, path: Path):
-    """Recall@k curves (left) and the per-query distribution of ``metric`` (right)."""
+def plot_report(curves: dict[str, dict[int, float]], per_query: dict[str, dict[str, float]], metric: str, path: Path,
+                title: str = ""):
+    """Recall@k curves (left) and the per-query distribution of ``metric`` (right), under ``title``
+    (the system, dataset and split: a figure copied out of its directory still says what it shows)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,6 +115,8 @@ def plot_report(curves: dict[str, dict[int, float]], per_query: dict[str, dict[s
     b.set_xlabel(f"per-query {metric}")
     b.set_ylabel("queries")
     b.set_title(f"mean {np.mean(vals):.4f} over {len(vals)} queries" if vals else "no queries")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

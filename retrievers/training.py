@@ -33,6 +33,7 @@ from retrievers.contrastive import (
     contrastive_step,
 )
 from retrievers.distributed import all_reduce_grads, broadcast_params, dist_info
+from retrievers.proc import failpoint
 from retrievers.train_utils import (
     _rng_states,
     _set_rng_states,
@@ -212,6 +213,7 @@ class Trainer:
             }
             atomic_torch_save(state, self.work / STATE_FILE)
             log.debug("[%s] checkpoint at step %d -> %s", self.name, step, self.work / STATE_FILE)
+            failpoint(f"checkpoint:{self.name}:{step}")
         if self.world > 1:
             dist.barrier()
 

@@ -111,3 +111,106 @@ def test_a_dry_run_writes_no_run_directory_and_never_downloads(tmp_path):
     assert proc.returncode == 2 and "absent-set" in out and "is incomplete" in out, out[-2000:]
     assert not (tmp_path / "data" / "absent-set").exists(), "nothing downloaded into the data directory"
     assert not (tmp_path / "out").exists(), "no run directory, no cache, no log"
+
+
+# --------------------------------------------------------------------------- the fault suite (make test-faults)
+# A dpr chain on the tiny fixtures (bm25 -> retriever1 -> index -> eval, a random 2-layer BERT), run
+# as `python run.py` processes. Each fault is injected, the same command is re-run, and its metrics
+# must equal those of an uninterrupted run.
+
+FAULT_KILLS = {  # point of the chain -> how the run is killed there (DRLAB_FAILPOINT, or a live JVM)
+    "during bm25": "java",
+    "mid-training": "checkpoint:retriever1:2",
+    "between .partial and the rename": "before_rename:retriever1",
+    "during index": "shard:0",
+    "during eval": "after_run:eval",
+}
+DAMAGE = {  # artifact kind -> (stage, file, how)
+    "BM25 TREC run": ("bm25", "runs/test.trec", "truncate"),
+    "checkpoint weights": ("retriever1", "checkpoint/model.safetensors", "flip"),
+    "FAISS index": ("index", "index.faiss", "truncate"),
+    "doc ids": ("index", "doc_ids.txt", "delete"),
+    "metrics.json": ("eval", "metrics.json", "empty"),
+}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    from conftest import TINY_DOCS, TINY_QUERIES, make_tiny_bert
+
+    root = tmp_path_factory.mktemp("faults")
+    make_tiny_beir(root / "data" / "tiny")
+    bert = make_tiny_bert(root / "bert", [f"{t} {x}" for _, t, x in TINY_DOCS] + [q for _, q in TINY_QUERIES])
+    args = ["model=dpr", "data=beir", "data.name=tiny", "data.train_split=train", "debug=tiny", f"model.checkpoint={bert}",
+            f"paths.data_dir={root / 'data'}", "model.encoder.doc_max_len=32", "pipeline.retriever1.max_steps=6",
+            "pipeline.index.shard_size=4", "+runtime.progress=false"]
+    ref = _finish(args, root / "reference")
+    return {"args": args, "root": root, "reference": ref}
+
+
+def _finish(args: list[str], out: Path, env: dict | None = None) -> dict:
+    proc = _cli([*args, f"paths.output_dir={out}"], **({"env": env} if env else {}))
+    text = proc.communicate(timeout=600)[0].decode()
+    assert proc.returncode == 0, text[-3000:]
+    return json.loads(Path(text.strip().splitlines()[-1].split("summary: ", 1)[1]).read_text())
+
+
+def _killed(args: list[str], out: Path, how: str) -> int:
+    env = {k: v for k, v in os.environ.items() if k not in ("DRLAB_DATA_DIR", "DRLAB_OUTPUT_DIR")}
+    if how != "java":
+        env["DRLAB_FAILPOINT"] = how
+    run = _cli([*args, f"paths.output_dir={out}"], env=env)
+    if how == "java":
+        java = None
+        while java is None and run.poll() is None:
+            java = next((c for c in _children(run.pid) if "io.anserini" in _cmdline(c)), None)
+            time.sleep(0.01)
+        assert java is not None, "bm25 finished before it could be killed"
+        run.send_signal(signal.SIGKILL)
+    run.wait(timeout=600)
+    return run.returncode
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("point", list(FAULT_KILLS))
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(chain, point, tmp_path):
+    out = tmp_path / "out"
+    assert _killed(chain["args"], out, FAULT_KILLS[point]) == -signal.SIGKILL
+    assert not list(out.glob("runs/*/summary.json")) or all(
+        json.loads(p.read_text())["status"] != "ok" for p in out.glob("runs/*/summary.json"))
+    again = _finish(chain["args"], out)
+    assert again["metrics"] == chain["reference"]["metrics"], point
+    for s, st in again["stages"].items():
+        assert st["key"] == chain["reference"]["stages"][s]["key"]
+    assert not list(out.glob("cache/*/*.partial")), "no half-written stage is left behind"
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_a_damaged_artifact_is_detected_and_recomputed(chain, kind, tmp_path):
+    from test_executor import _damage
+
+    out = tmp_path / "out"
+    first = _finish(chain["args"], out)
+    stage, rel, how = DAMAGE[kind]
+    _damage(Path(first["stages"][stage]["dir"]) / rel, how)
+    args = [*chain["args"], "verify=true"] if how == "flip" else chain["args"]
+    again = _finish(args, out)
+    assert again["stages"][stage]["status"] == "ran", f"{kind}: the damaged {rel} was reused"
+    assert list(out.glob(f"cache/{stage}/*.damaged-*")), "set aside for inspection"
+    assert again["metrics"] == chain["reference"]["metrics"]
+
+
+@pytest.mark.faults
+def test_concurrent_runs_on_overlapping_chains_compute_each_stage_once(chain, tmp_path):
+    out = tmp_path / "out"
+    bm25_only = [a for a in chain["args"] if not a.startswith(("model=", "model.", "pipeline.retriever1"))]
+    commands = [chain["args"], chain["args"], ["model=bm25", *bm25_only]]  # two identical + one sharing bm25
+    procs = [_cli([*c, f"paths.output_dir={out}"]) for c in commands]
+    logs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), [t[-2000:] for t in logs]
+    for stage in ("bm25", "retriever1", "index"):
+        ran = sum(f"[{stage}] running ->" in t for t in logs)
+        assert ran == 1, f"{stage} ran {ran} times"
+    summaries = [json.loads(Path(t.strip().splitlines()[-1].split("summary: ", 1)[1]).read_text()) for t in logs]
+    assert summaries[0]["metrics"] == summaries[1]["metrics"] == chain["reference"]["metrics"]

@@ -146,3 +146,16 @@ def test_recall_curve_monotonic(seed):
     assert vals[-1] > vals[0]
     ref = pytrec_per_query(qrels, run, {"recall_10"})
     assert curve[10] == pytest.approx(sum(v["recall_10"] for v in ref.values()) / len(qrels), abs=1e-9)
+
+
+def test_the_report_figure_names_system_dataset_and_split(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from retrievers.evaluation import plot_report
+
+    titles = []
+    real = matplotlib.figure.Figure.suptitle
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle", lambda self, t, **kw: titles.append(t) or real(self, t, **kw))
+    plot_report({"dpr": {1: 0.5, 10: 0.9}}, {"q1": {"ndcg@10": 0.5}}, "ndcg@10", tmp_path / "r.png",
+                title="dpr on scifact (test, 300 queries)")
+    assert titles == ["dpr on scifact (test, 300 queries)"] and (tmp_path / "r.png").stat().st_size > 0

@@ -155,7 +155,8 @@ def run(ctx: Context) -> dict[str, float]:
     save_json(out, ctx.out / "metrics.json")
     save_json(per_query_main, ctx.out / "per_query.json")
     primary = p.get("primary", metrics[0])
-    plot_report(curves, per_query_main, primary if primary in metrics else metrics[0], ctx.out / "report.png")
+    plot_report(curves, per_query_main, primary if primary in metrics else metrics[0], ctx.out / "report.png",
+                title=f"{main_name} on {data['name']} ({split}, {len(qrels)} queries)")
     report = [
         f"# {ctx.cfg.model.name} on {data['name']} ({split})\n",
         markdown_table(rows, metrics),
