@@ -10,7 +10,7 @@ export DRLAB_DATA_DIR
 DATA ?= scifact
 CHECKPOINT ?= sentence-transformers/all-MiniLM-L6-v2
 
-.PHONY: help setup run test test-faults test-data lint bench table-bm25 table-dpr table-ance table-distill table-pretrain clean-cache
+.PHONY: help setup run test test-faults test-data verify verify-quick lint bench table-bm25 table-dpr table-ance table-distill table-pretrain clean-cache
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -42,6 +42,12 @@ test-data: setup ## real-data checks on ../shared/data (BM25 = Pyserini, metrics
 
 lint: setup ## ruff check (the CI runs it)
 	$(VENV)/bin/ruff check .
+
+verify-quick: setup ## the registry's cpu-minutes entries (BM25, MiniLM; < 15 min) -> outputs/tables/verify-quick.md
+	$(PY) -m scripts.verify --quick
+
+verify: setup ## every registry entry this machine can run within cpu-hours -> outputs/tables/verify.md
+	$(PY) -m scripts.verify --budget cpu-hours
 
 bench: setup ## encoding benchmark vs sentence-transformers -> outputs/bench/encode.json
 	$(PY) -m scripts.bench_encode
