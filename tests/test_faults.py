@@ -45,10 +45,14 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _cli(args: list[str], **kw) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("DRLAB_DATA_DIR", "DRLAB_OUTPUT_DIR")}
-    return subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DRLAB_DATA_DIR", "DRLAB_OUTPUT_DIR", "DRLAB_FAILPOINT")}
+    return {**env, **extra}
+
+
+def _cli(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=REPO, env=env or _env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG are Linux's")
@@ -127,7 +131,7 @@ FAULT_KILLS = {  # point of the chain -> how the run is killed there (DRLAB_FAIL
 }
 DAMAGE = {  # artifact kind -> (stage, file, how)
     "BM25 TREC run": ("bm25", "runs/test.trec", "truncate"),
-    "checkpoint weights": ("retriever1", "checkpoint/model.safetensors", "flip"),
+    "checkpoint weights": ("retriever1", "checkpoint/query_encoder/model.safetensors", "flip"),
     "FAISS index": ("index", "index.faiss", "truncate"),
     "doc ids": ("index", "doc_ids.txt", "delete"),
     "metrics.json": ("eval", "metrics.json", "empty"),
@@ -148,18 +152,15 @@ def chain(tmp_path_factory):
     return {"args": args, "root": root, "reference": ref}
 
 
-def _finish(args: list[str], out: Path, env: dict | None = None) -> dict:
-    proc = _cli([*args, f"paths.output_dir={out}"], **({"env": env} if env else {}))
+def _finish(args: list[str], out: Path) -> dict:
+    proc = _cli([*args, f"paths.output_dir={out}"])
     text = proc.communicate(timeout=600)[0].decode()
     assert proc.returncode == 0, text[-3000:]
     return json.loads(Path(text.strip().splitlines()[-1].split("summary: ", 1)[1]).read_text())
 
 
 def _killed(args: list[str], out: Path, how: str) -> int:
-    env = {k: v for k, v in os.environ.items() if k not in ("DRLAB_DATA_DIR", "DRLAB_OUTPUT_DIR")}
-    if how != "java":
-        env["DRLAB_FAILPOINT"] = how
-    run = _cli([*args, f"paths.output_dir={out}"], env=env)
+    run = _cli([*args, f"paths.output_dir={out}"], env=_env(**({} if how == "java" else {"DRLAB_FAILPOINT": how})))
     if how == "java":
         java = None
         while java is None and run.poll() is None:
