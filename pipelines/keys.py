@@ -24,6 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipelines.manifest import file_hash
 from retrievers.errors import ConfigError
 
 #: 2: narrow reads + only the used stages' keys (issue 13); 1: every earlier chain stage
@@ -60,14 +61,6 @@ _FP_CACHE: dict[str, str] = {}
 FINGERPRINT_STORE: Path | None = None
 STORE_WRITABLE = True  # a dry run reads the store but writes nothing
 _store_loaded: Path | None = None
-
-
-def _file_hash(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _load_store() -> None:
@@ -110,7 +103,7 @@ def data_fingerprint(path: str | os.PathLike) -> dict[str, str]:
         st = f.stat()
         ck = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
         if ck not in _FP_CACHE:
-            _FP_CACHE[ck], new = _file_hash(f), True
+            _FP_CACHE[ck], new = file_hash(f), True
         out[str(f.relative_to(root))] = _FP_CACHE[ck]
     if new:
         _save_store()

@@ -36,12 +36,8 @@ What it implements, and from where:
   and would fight GradCache's several forward passes) gives exactly the
   single-process gradient. The reported loss equals the single-process loss.
 
-Checkpoints (``trainer_state.pt`` in the work dir) hold model, optimizer, scheduler,
-grad-scaler and RNG states (per rank), the step, the epoch and the position in the
-epoch's batch order; they are written to a temporary file and renamed, so a kill
-never leaves a half-written one. Batch order and negative sampling are a pure
-function of (seed, epoch), so a resumed run replays exactly the batches an
-uninterrupted run would have seen.
+Batch order and negative sampling are a pure function of (seed, epoch): a resumed run replays
+exactly the batches an uninterrupted one would have seen (checkpoints: :mod:`retrievers.training`).
 """
 
 from __future__ import annotations

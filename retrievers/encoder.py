@@ -373,18 +373,6 @@ def instantiate_encoder(encoder_cfg, checkpoint: str | Path | None = None) -> Bi
     return instantiate(encoder_cfg, **kw)
 
 
-#: stages that write ``checkpoint/``, latest in the chain first
-CHECKPOINT_STAGES = ("distill", "retriever2", "retriever1", "pretrain")
-
-
-def latest_checkpoint(upstream: dict[str, Path]) -> Path | None:
-    """The newest upstream encoder checkpoint (``<stage dir>/checkpoint``), or None."""
-    for name in CHECKPOINT_STAGES:
-        if name in upstream and (upstream[name] / "checkpoint" / "drlab_encoder.json").exists():
-            return upstream[name] / "checkpoint"
-    return None
-
-
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto``: CUDA when available and every local ``torchrun`` rank gets a GPU of its own, else the CPU.
 

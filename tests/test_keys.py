@@ -155,7 +155,7 @@ def test_file_hashes_persist_between_runs_and_follow_edits(tmp_path, data, monke
     assert store.exists() and len(json.loads(store.read_text())) == len(first)
     monkeypatch.setattr(K, "_FP_CACHE", {})  # a new process: read from the store, not from the files
     monkeypatch.setattr(K, "_store_loaded", None)
-    monkeypatch.setattr(K, "_file_hash", lambda p: pytest.fail(f"{p} hashed again"))
+    monkeypatch.setattr(K, "file_hash", lambda p: pytest.fail(f"{p} hashed again"))
     assert K.data_fingerprint(data / "tiny") == first
     monkeypatch.undo()
     monkeypatch.setattr(K, "FINGERPRINT_STORE", store)

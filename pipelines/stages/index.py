@@ -120,7 +120,7 @@ def run(ctx: Context) -> dict[str, float]:
     del ds
     rec = _encoder_record(ctx, ckpt, encoder, bf16)
     # cosine similarity from an encoder that does not normalise: store and index unit vectors
-    # (search_queries normalises the queries too)
+    # (dense_search normalises the queries too)
     cosine_unnormalized = encoder.cfg["similarity"] == "cos" and not encoder.cfg["normalize"]
     log.info(
         "[index] encoding %d documents with %s on %s%s (batch %d, %d threads)",
