@@ -37,9 +37,8 @@ def _user_errors():
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    if cfg.get("name") is None and hc.mode == RunMode.MULTIRUN and hc.job.override_dirname:
-        # a sweep job's experiment name carries its overrides: jobs never share one pointer
-        cfg.name = f"{cfg.model.name}-{cfg.data.name}-{hc.job.override_dirname}".replace("/", "_")
+    if cfg.get("name") is None and hc.mode == RunMode.MULTIRUN:
+        cfg.name = sweep_job_name(cfg, list(hc.overrides.task), sys.argv[1:])
     try:
         summary = run_pipeline(cfg, run_dir)
     except _user_errors() as e:
@@ -49,6 +48,16 @@ def main(cfg: DictConfig) -> None:
     if not cfg.get("dry_run") and int(os.environ.get("RANK", "0")) == 0:
         print(f"summary: {run_dir / 'summary.json'}", flush=True)
     return summary.get("metrics", {}).get(f"{cfg.data.eval_split}/{cfg.pipeline.eval.primary}")
+
+
+def sweep_job_name(cfg: DictConfig, job_overrides: list[str], argv: list[str]) -> str:
+    """A sweep job's experiment name: ``<model>-<data>-<its swept overrides>``, so that jobs never share
+    one ``experiments/<name>.json`` (and compare.py never merges them). Swept = given with a comma."""
+    swept = {a.split("=")[0].lstrip("+~") for a in argv
+             if "=" in a and "," in a.split("=", 1)[1] and not a.split("=", 1)[1].startswith(("[", "{"))}
+    mine = [o for o in job_overrides if o.split("=")[0].lstrip("+~") in swept] or \
+        [o for o in job_overrides if not o.startswith(("paths.", "hydra."))]
+    return f"{cfg.model.name}-{cfg.data.name}-" + ",".join(sorted(mine)).replace("/", "_")
 
 
 def check_overrides(argv: list[str]) -> str | None:
@@ -68,12 +77,15 @@ def check_overrides(argv: list[str]) -> str | None:
     keys = [a for a in args if a not in groups and not a.startswith(("+", "~", "hydra."))]
     first = [a.split("=")[0] + "=" + a.split("=", 1)[1].split(",")[0] if "[" not in a and "{" not in a else a
              for a in groups + keys]
-    try:
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        try:
             cfg = compose("config", overrides=first[: len(groups)])
+        except Exception:  # noqa: BLE001
+            return None  # Hydra reports these errors itself, with the available options
+        try:
             given = compose("config", overrides=first)
-    except Exception:
-        return None  # Hydra reports these errors itself, with the available options
+        except Exception:  # noqa: BLE001  an unknown key: reported below with the valid ones
+            given = None
     # Plain containers, unresolved: a mandatory '???' value (data.name of data=beir) is a
     # key that exists, though `key in DictConfig` says it is not.
     tree = OmegaConf.to_container(cfg, resolve=False)
@@ -92,10 +104,10 @@ def check_overrides(argv: list[str]) -> str | None:
                     f"  (to add a new key on purpose, write +{key}=...)"
                 )
             node = node[p]
-        msg = _type_error(key, node, OmegaConf.to_container(given, resolve=False), parts)
+        msg = _type_error(key, node, OmegaConf.to_container(given, resolve=False), parts) if given is not None else None
         if msg:
             return msg
-    if OmegaConf.is_missing(given.data, "name"):
+    if given is not None and OmegaConf.is_missing(given.data, "name"):
         return (f"error: data.name is not set: data={given.data.get('format', 'beir')} reads any dataset by name.\n"
                 f"  Fix: data=beir data.name=<directory under paths.data_dir>, e.g. data=beir data.name=trec-covid")
     return None

@@ -215,3 +215,38 @@ def test_concurrent_runs_on_overlapping_chains_compute_each_stage_once(chain, tm
         assert ran == 1, f"{stage} ran {ran} times"
     summaries = [json.loads(Path(t.strip().splitlines()[-1].split("summary: ", 1)[1]).read_text()) for t in logs]
     assert summaries[0]["metrics"] == summaries[1]["metrics"] == chain["reference"]["metrics"]
+
+
+def test_bad_values_stop_before_work_with_the_key_and_the_fix(tmp_path, tiny_beir):
+    base = [f"paths.data_dir={tmp_path / 'data'}", f"paths.output_dir={tmp_path / 'out'}", "dry_run=true"]
+    cases = {
+        "pipeline.bm25.k1=abc": "config key 'pipeline.bm25.k1' expects a number (conf/ default: 0.9), got 'abc'",
+        "pipeline.retriever1.neg_window=5": "expects a list",
+        "pipeline.bm25.k=1": "Did you mean 'pipeline.bm25.k1'?",
+    }
+    for arg, msg in cases.items():
+        proc = _cli(["model=dpr", "data=beir", "data.name=tiny", arg, *base])
+        out = proc.communicate(timeout=120)[0].decode()
+        assert proc.returncode == 2 and msg in out and "Traceback" not in out, (arg, out[-1500:])
+    proc = _cli(["model=bm25", "data=beir", *base])
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 2 and "data.name is not set" in out and "data=beir data.name=" in out, out[-1500:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_describes_the_run_keys_with_examples():
+    proc = _cli(["--help"])
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 0
+    for word in ("model=<family>", "data=<dataset>", "stage=<target>", "dry_run=true", "force=[<stage>]", "Examples:",
+                 "python run.py -m model=dpr,ance"):
+        assert word in out, word
+
+
+def test_sweep_jobs_get_their_own_experiment_names(tmp_path, tiny_beir):
+    proc = _cli(["-m", *tiny_overrides(), "pipeline.bm25.k1=0.9,0.8", f"paths.data_dir={tmp_path / 'data'}",
+                 f"paths.output_dir={tmp_path / 'out'}"])
+    out = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, out[-3000:]
+    names = sorted(p.stem for p in (tmp_path / "out" / "experiments").glob("*.json"))
+    assert names == ["bm25-tiny-pipeline.bm25.k1=0.8", "bm25-tiny-pipeline.bm25.k1=0.9"], names
