@@ -7,6 +7,7 @@ dr-lab's losses must give sentence-transformers' loss value and parameter gradie
 | GradCache (``contrastive_step(grad_cache=True)``) | ``CachedMultipleNegativesRankingLoss`` |
 | Margin-MSE (``retrievers.losses.MarginMSE``) | ``MarginMSELoss`` |
 | KL(teacher || student) over a group (``retrievers.losses.kl_teacher_student``) | ``DistillKLDivLoss`` |
+| cross-encoder teacher scores (``retrievers.cross_encoder``) | ``CrossEncoder``, the same saved weights |
 
 Both sides encode with the same weights: a SentenceTransformer made of the tiny BERT and mean
 pooling, and dr-lab's shared-tower BiEncoder built from the same directory (mean pooling, cosine,
@@ -136,3 +137,19 @@ def test_group_kl_equals_sentence_transformers_distill_kl_div(bert):
     d = enc.embed(enc.tokenize(b.docs, "doc"), "doc")
     loss = kl_teacher_student(group_scores(enc.score(q, d), b.group), teacher)
     assert float(loss) == pytest.approx(float(st_loss), rel=1e-5)
+
+
+def test_cross_encoder_scores_equal_sentence_transformers_cross_encoder(bert, tmp_path):
+    """The same saved weights: dr-lab's teacher scores = sentence-transformers' CrossEncoder logits.
+    (dr-lab truncates only the passage, ``only_second``; the pairs here fit, so both see every token.)"""
+    from sentence_transformers import CrossEncoder as STCrossEncoder
+
+    ours = component(["model=simlm"], "model.teacher", checkpoint=str(bert), max_len=64).eval()
+    ours.save(tmp_path / "ce")
+    ref = STCrossEncoder(str(tmp_path / "ce"), max_length=64, device="cpu", activation_fn=torch.nn.Identity())
+    pairs = list(zip(QUERIES, POS)) + list(zip(QUERIES, NEG))
+    with torch.no_grad():
+        mine = ours.score_pairs([q for q, _ in pairs], [d for _, d in pairs]).float().numpy()
+    theirs = ref.predict(pairs, convert_to_numpy=True)
+    assert mine.shape == theirs.shape
+    assert abs(mine - theirs).max() < 1e-5, (mine, theirs)
