@@ -23,6 +23,7 @@ from typing import Any
 
 from pipelines.executor import Context, Stage, dist_state, newest_checkpoint
 from pipelines.keys import digest
+from pipelines.manifest import problems
 from retrievers.embeddings import (
     encode_corpus,
     human_bytes,
@@ -63,7 +64,7 @@ def _reuse_sibling_embeddings(ctx: Context, key: str) -> Path | None:
     for d in sorted(ctx.out.parent.iterdir()):
         if d == ctx.out or not (d / "manifest.json").exists() or not (d / "embedding_key.txt").exists():
             continue
-        if (d / "embedding_key.txt").read_text().strip() != key:
+        if (d / "embedding_key.txt").read_text().strip() != key or problems(d):  # never link damaged vectors
             continue
         src = d / "embeddings"
         meta = json.loads((src / "meta.json").read_text())
