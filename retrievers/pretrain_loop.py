@@ -85,9 +85,8 @@ def pretrain_loop(method, texts: list[str], *, batch_size: int, epochs: float, m
                   name: str = "pretrain") -> tuple[list[dict], int, float]:
     """Resumable training of ``method`` on ``texts``; returns (log, steps, seconds)."""
     from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
 
-    from retrievers.train_utils import _rng_states, _set_rng_states, atomic_torch_save
+    from retrievers.train_utils import _rng_states, _set_rng_states, adamw_linear, atomic_torch_save
 
     bs = int(batch_size)
     precision = str(precision)
@@ -101,8 +100,7 @@ def pretrain_loop(method, texts: list[str], *, batch_size: int, epochs: float, m
     if total == 0 or not getattr(method, "trainable", True):  # NoPretraining: the init as it is
         return [], 0, 0.0
     params = [x for x in method.parameters() if x.requires_grad]
-    opt = torch.optim.AdamW(params, lr=float(lr), weight_decay=float(weight_decay))
-    sched = get_linear_schedule_with_warmup(opt, round(float(warmup_ratio) * total), max(1, total))
+    opt, sched = adamw_linear(params, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, total=total)
     Path(work).mkdir(parents=True, exist_ok=True)
     step, history, secs_before = 0, [], 0.0
     path = work / STATE

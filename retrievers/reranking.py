@@ -87,17 +87,15 @@ def train_reranker(model, examples: list[tuple[str, str]], pool: dict[str, list[
                    progress: bool = True, name: str = "rerank") -> list[dict[str, Any]]:
     """Group softmax cross-entropy training of ``model`` (resumable from ``work/STATE``)."""
     from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
 
     from retrievers.colbert import group_ce_loss
-    from retrievers.train_utils import atomic_torch_save
+    from retrievers.train_utils import adamw_linear, atomic_torch_save
 
     bs, n_neg = int(batch_size), int(n_negatives)
     per_epoch = max(1, len(examples) // bs)
     total = int(max_steps) if max_steps else max(1, math.ceil(float(epochs) * per_epoch))
-    opt = torch.optim.AdamW([x for x in model.parameters() if x.requires_grad], lr=float(lr),
-                            weight_decay=float(weight_decay))
-    sched = get_linear_schedule_with_warmup(opt, round(float(warmup_ratio) * total), total)
+    opt, sched = adamw_linear((x for x in model.parameters() if x.requires_grad), lr=lr, weight_decay=weight_decay,
+                              warmup_ratio=warmup_ratio, total=total)
     Path(work).mkdir(parents=True, exist_ok=True)
     step, history = 0, []
     state_path = work / STATE

@@ -101,3 +101,11 @@ def plot_loss(history: list[dict[str, Any]], path: Path, title: str = "training 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def adamw_linear(params, *, lr: float, weight_decay: float, warmup_ratio: float, total: int):
+    """AdamW with linear warm-up (``warmup_ratio`` of ``total`` steps) then linear decay to 0."""
+    from transformers import get_linear_schedule_with_warmup
+
+    opt = torch.optim.AdamW(list(params), lr=float(lr), weight_decay=float(weight_decay))
+    return opt, get_linear_schedule_with_warmup(opt, round(float(warmup_ratio) * total), max(1, total))
