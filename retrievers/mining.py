@@ -17,6 +17,7 @@ in rank order. The mine stage, the ANCE refresh and the rerank stage's re-mining
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import time
@@ -27,6 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from retrievers.errors import ConfigError
+
+log = logging.getLogger("drlab")
 
 NEGATIVES_FILE = "negatives.jsonl"
 
@@ -290,8 +293,6 @@ def miner_from_config(ds, split: str, encoder, p: dict, seed: int, runtime: dict
 
 def run_window_pool(run_file: Path, positives: dict[str, list[str]], window: Sequence[int], who: str) -> dict[str, list[str]]:
     """Hard-negative pool from a TREC run (the bm25 stage's train run): ranks ``window``, positives removed."""
-    import logging
-
     from retrievers.contrastive import window_negatives
     from retrievers.evaluation import read_trec
 
@@ -299,7 +300,7 @@ def run_window_pool(run_file: Path, positives: dict[str, list[str]], window: Seq
         raise ConfigError(f"{run_file} is missing: the bm25 stage did not search these train queries")
     pool = window_negatives(read_trec(run_file), positives, tuple(window))
     sizes = [len(pool.get(q, ())) for q in positives]
-    logging.getLogger("drlab").info(
+    log.info(
         "[%s] negatives from ranks %s of %s: mean pool %.1f per query",
         who, list(window), Path(run_file).name, sum(sizes) / max(1, len(sizes)),
     )
