@@ -114,6 +114,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_table(out: Path, rows: list[dict], budget: str, partial: bool = False) -> str:
+    text = table(rows)
+    state = ", in progress" if partial else ""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"# dr-lab verify ({time.strftime('%Y-%m-%d %H:%M')}, budget {budget}{state})\n\n{text}\n")
+    return text
+
+
 def readme_table(entries: list[dict]) -> str:
     """The README's registry table: every entry, its expected number, provenance and cost."""
     lines = [README_BEGIN, "", "| entry | data (split) | metric | expected | source | runs on |", "|---|---|---|---|---|---|"]
@@ -150,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: unknown entries {unknown}; see python -m scripts.verify --list")
         entries = [e for e in entries if e["name"] in a.only]
     rows = []
+    out = a.outputs / "tables" / ("verify-quick.md" if a.quick else "verify.md")
     for e in entries:
         row = {k: e[k] for k in ("name", "metric", "expected", "tolerance")} | {"got": None, "seconds": 0.0}
         reason = why_not(e, budget, a.data_dir)
@@ -168,13 +177,12 @@ def main(argv: list[str] | None = None) -> int:
                 row["status"] = "pass" if abs(got - e["expected"]) <= e["tolerance"] + 1e-12 else "fail"
         rows.append(row)
         print(f"[verify] {row['name']}: {row['status']}", flush=True)
+        if reason is None:  # the table so far, so a killed verify keeps what it measured
+            write_table(out, rows, budget, partial=True)
     if a.list:
         return 0
-    text = table(rows)
+    text = write_table(out, rows, budget)
     print(text)
-    out = a.outputs / "tables" / ("verify-quick.md" if a.quick else "verify.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# dr-lab verify ({time.strftime('%Y-%m-%d %H:%M')}, budget {budget})\n\n{text}\n")
     failed = [r["name"] for r in rows if r["status"].startswith("fail")]
     print(f"table: {out}")
     print(f"verify: {sum(r['status'] == 'pass' for r in rows)} passed, {len(failed)} failed, "
