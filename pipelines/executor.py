@@ -50,11 +50,15 @@ Reads = "tuple[str, ...] | Callable[[DictConfig], tuple[str, ...]]"
 Uses = "tuple[str, ...] | Callable[[DictConfig, list[str]], tuple[str, ...]]"
 
 
+#: config nodes every stage is shown but no key hashes: how it runs and whether it may run
+UNHASHED_VIEWS = ("runtime", "gates")
+
+
 @dataclass(frozen=True)
 class Stage:
     """One step of a chain. ``run`` gets a :class:`Context` and returns metrics.
 
-    ``reads``: the config nodes the stage uses (it is shown only these, plus ``runtime``), or a
+    ``reads``: the config nodes the stage uses (it is shown only these, plus :data:`UNHASHED_VIEWS`), or a
     function ``(cfg, before) -> nodes``. ``uses``: the earlier stages whose artifacts it
     consumes, or a function ``(cfg, before) -> names`` where ``before`` lists the enabled
     stages ahead of it in the chain; a static tuple means "those of these in ``before``".
@@ -95,7 +99,7 @@ class Context:
 
     stage: str
     key: str
-    cfg: DictConfig  # only the declared reads (+ runtime)
+    cfg: DictConfig  # only the declared reads (+ runtime, gates)
     out: Path  # <key>.partial/ : write artifacts here
     work: Path  # <key>.work/ : checkpoints that survive a kill
     upstream: dict[str, Path]  # finished dirs of the stages it uses, by name
@@ -108,6 +112,10 @@ class Context:
     def get(self, dotted: str) -> Any:
         """A read config node as plain Python (dicts, lists, scalars), resolved."""
         return K.select(self.cfg, dotted)
+
+    def upstream_metrics(self, name: str) -> dict[str, Any]:
+        """The metrics a used upstream stage recorded in its manifest."""
+        return json.loads((self.upstream[name] / "manifest.json").read_text()).get("metrics", {})
 
     def checkpoint(self) -> Path | None:
         """The used upstream stage's encoder ``checkpoint/`` (newest in the chain), or None."""
@@ -228,7 +236,7 @@ def format_plan(items: list[PlanItem]) -> str:
 
 
 def stage_view(cfg: DictConfig, reads: tuple[str, ...]) -> DictConfig:
-    """A struct config holding only ``reads`` (and ``runtime``): what a stage is shown."""
+    """A struct config holding only ``reads`` (and ``runtime``, ``gates``): what a stage is shown."""
     view: dict[str, Any] = {}
     for r in reads:
         parts = r.split(".")
@@ -236,7 +244,8 @@ def stage_view(cfg: DictConfig, reads: tuple[str, ...]) -> DictConfig:
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = K.select(cfg, r)
-    view["runtime"] = OmegaConf.to_container(cfg.runtime, resolve=True)
+    for shown in UNHASHED_VIEWS:
+        view[shown] = OmegaConf.to_container(cfg[shown], resolve=True) if shown in cfg else {}
     out = OmegaConf.create(view)
     OmegaConf.set_struct(out, True)
     return out

@@ -10,5 +10,9 @@ class ConfigError(ValueError):
     """A configuration mistake (unknown stage, bad chain, a value of the wrong type, ...)."""
 
 
+class GateError(ConfigError):
+    """A gate (``gates.*`` in the config) stopped the chain: an input measured too poor to learn from."""
+
+
 class IndexBuildError(ConfigError):
     """A problem building or searching an index (bad factory, mismatched files)."""

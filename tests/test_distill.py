@@ -286,6 +286,33 @@ def test_distill_without_rerank_says_how_to_fix(tmp_path):
         run_pipeline(cfg, tmp_path / "run")
 
 
+def test_teacher_gate_stops_before_distill_and_loses_nothing(tmp_path):
+    """gates.teacher_min_auc: a teacher at or below the floor stops the chain before distill, naming the
+    measured AUC and the fix; the trained teacher stays cached, and the gate never enters a key."""
+    from conftest import compose, make_tiny_beir
+
+    from pipelines import all_stages
+    from pipelines.executor import plan
+    from pipelines.runner import run_pipeline
+    from retrievers.errors import GateError
+
+    make_tiny_beir(tmp_path / "data" / "tiny")
+    over = _family_overrides(tmp_path, "simlm", "pipeline.distill.n_negatives=2")  # mined: the teacher scores negatives
+    closed = compose(over + ["gates.teacher_min_auc=1.01"], tmp_path)  # no AUC reaches 1.01
+    with pytest.raises(GateError, match=r"AUC [01]\.\d{3} \(0\.5 = chance\).*gates\.teacher_min_auc=null"):
+        run_pipeline(closed, tmp_path / "run1")
+    opened = compose(over + ["gates.teacher_min_auc=null"], tmp_path)
+    keys = [{i.stage: i.key for i in plan(c, all_stages(), "all", [], tmp_path / "outputs" / "cache")}
+            for c in (closed, opened)]
+    assert keys[0] == keys[1]
+    st = run_pipeline(opened, tmp_path / "run2")["stages"]
+    assert st["rerank"]["status"] == "cached" and st["distill"]["status"] == "ran"
+    auc = st["rerank"]["metrics"]["train_auc"]
+    assert 0.0 <= auc <= 1.0
+    passing = compose(over + [f"gates.teacher_min_auc={auc}"], tmp_path)  # a cached distill is served, never re-gated
+    assert run_pipeline(passing, tmp_path / "run3")["stages"]["distill"]["status"] == "cached"
+
+
 def test_score_query_sample_is_seeded_ordered_and_checked():
     from pipelines.executor import ConfigError
     from retrievers.reranking import score_query_sample

@@ -24,7 +24,7 @@ import json
 import logging
 
 from pipelines.executor import Context, Stage, newest_checkpoint
-from retrievers.errors import ConfigError
+from retrievers.errors import ConfigError, GateError
 
 log = logging.getLogger("drlab")
 
@@ -47,6 +47,26 @@ def uses(cfg, before: list[str]) -> tuple[str, ...]:
     return ("rerank",) + hard + newest_checkpoint(before)
 
 
+def teacher_gate(ctx: Context) -> None:
+    """Stop before distilling from a teacher that does not separate its own train positives (``gates``)."""
+    floor = ctx.cfg.gates.get("teacher_min_auc")
+    if floor is None:
+        return
+    auc = ctx.upstream_metrics("rerank").get("train_auc")
+    if auc is None or auc != auc:  # NaN: no query had both a positive and another candidate
+        log.warning("[distill] the rerank stage recorded no train_auc; gates.teacher_min_auc not checked")
+        return
+    if auc < floor:
+        raise GateError(
+            f"distill stopped by gates.teacher_min_auc={floor}: the teacher ({ctx.upstream['rerank'].name}) ranks its "
+            f"own train positives above the other scored candidates with AUC {auc:.3f} (0.5 = chance), so a student "
+            f"distilled from it would learn noise. Try: a longer or better-fed teacher (pipeline.rerank.epochs, "
+            f"pipeline.rerank.neg_window, pipeline.rerank.lr), a different teacher (teacher@model.teacher=...), or "
+            f"inspect it with `python -m scripts.teacher_quality`. To distil anyway: gates.teacher_min_auc=null. "
+            f"The rerank stage stays cached; nothing is lost.")
+    log.info("[distill] teacher gate passed: train_auc %.3f >= gates.teacher_min_auc %s", auc, floor)
+
+
 def run(ctx: Context) -> dict[str, float]:
     import torch
     from hydra.utils import instantiate
@@ -57,6 +77,7 @@ def run(ctx: Context) -> dict[str, float]:
     from retrievers.reranking import load_teacher
     from retrievers.train_biencoder import train_biencoder
 
+    teacher_gate(ctx)
     p = ctx.get("pipeline.distill")
     loss = instantiate(ctx.cfg.pipeline.distill.loss)
     scores_file = ctx.upstream["rerank"] / "teacher_scores.jsonl"
