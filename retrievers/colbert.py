@@ -7,7 +7,9 @@ over BERT". What is implemented, as in the paper (v1):
   and each token vector is L2-normalised;
 * queries: ``[CLS] [Q] q... `` padded to ``query_max_len`` (32) with ``[MASK]`` tokens
   (*query augmentation*); the [MASK] positions are not attended to as keys (the pad
-  attention mask is kept) but their outputs are used in MaxSim, as in ColBERT's code;
+  attention mask is kept) but their outputs are used in MaxSim, as in ColBERT's code and
+  PyLate's defaults. ``query_expansion: false`` (not in the paper) drops them: a query scores
+  with its real tokens only;
 * documents: ``[CLS] [D] d... [SEP]`` up to ``doc_max_len`` (180); punctuation tokens
   are dropped from the document side (``mask_punctuation``);
 * score: ``sum_i max_j q_i . d_j`` (MaxSim); training: softmax cross-entropy over
@@ -48,6 +50,7 @@ class ColBERT(nn.Module):
         query_max_len: int = 32,
         doc_max_len: int = 180,
         mask_punctuation: bool = True,
+        query_expansion: bool = True,
         linear: nn.Linear | None = None,
     ):
         super().__init__()
@@ -56,7 +59,7 @@ class ColBERT(nn.Module):
         hidden = backbone.config.hidden_size
         self.linear = linear if linear is not None else nn.Linear(hidden, dim, bias=False)
         self.cfg = dict(dim=int(dim), query_max_len=int(query_max_len), doc_max_len=int(doc_max_len),
-                        mask_punctuation=bool(mask_punctuation))
+                        mask_punctuation=bool(mask_punctuation), query_expansion=bool(query_expansion))
         added = [t for t in (Q_MARKER, D_MARKER) if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
         if added:
             tokenizer.add_special_tokens({"additional_special_tokens": added})
@@ -86,8 +89,10 @@ class ColBERT(nn.Module):
         return ids, mask
 
     def tokenize_queries(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        ids, mask = self._with_marker(texts, self.q_id, self.cfg["query_max_len"], pad_to_max=True)
-        ids = ids.masked_fill(mask == 0, self.tokenizer.mask_token_id)  # query augmentation
+        expand = self.cfg.get("query_expansion", True)
+        ids, mask = self._with_marker(texts, self.q_id, self.cfg["query_max_len"], pad_to_max=expand)
+        if expand:
+            ids = ids.masked_fill(mask == 0, self.tokenizer.mask_token_id)  # query augmentation
         return {"input_ids": ids, "attention_mask": mask}
 
     def tokenize_docs(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -101,8 +106,13 @@ class ColBERT(nn.Module):
         return nn.functional.normalize(self.linear(out.last_hidden_state), dim=-1)
 
     def query(self, texts: Sequence[str]) -> torch.Tensor:
-        """[B, query_max_len, dim]: every position (the [MASK] augmentation included) is used."""
-        return self._encode(self.tokenize_queries(texts))
+        """[B, Lq, dim]. With query expansion (the paper's) every position, the [MASK]s included, is used
+        (Lq = query_max_len); without, padding positions are zero vectors, which add nothing to MaxSim."""
+        batch = self.tokenize_queries(texts)
+        q = self._encode(batch)
+        if self.cfg.get("query_expansion", True):
+            return q
+        return q * batch["attention_mask"].to(q.device).unsqueeze(-1)
 
     def doc(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """([B, L, dim] token vectors, [B, L] bool mask: real, non-punctuation tokens)."""
@@ -176,6 +186,7 @@ def build(
     query_max_len: int,
     doc_max_len: int,
     mask_punctuation: bool,
+    query_expansion: bool,
     local_dirs: dict | None,
 ) -> ColBERT:
     from transformers import AutoModel, AutoTokenizer
@@ -188,7 +199,7 @@ def build(
     tok = AutoTokenizer.from_pretrained(path)
     bb = AutoModel.from_pretrained(path, add_pooling_layer=False)
     return ColBERT(bb, tok, dim=dim, query_max_len=query_max_len, doc_max_len=doc_max_len,
-                   mask_punctuation=mask_punctuation)
+                   mask_punctuation=mask_punctuation, query_expansion=query_expansion)
 
 
 class ColbertIndex:
@@ -237,9 +248,10 @@ class ColbertIndex:
             chunk = qids[lo : lo + self.batch_size]
             q = self.model.query([queries[x] for x in chunk]).float().cpu().numpy()
             for row, qid in enumerate(chunk):
-                _, I = self.index.search(np.ascontiguousarray(q[row]), candidates_per_token)
+                toks = q[row][np.abs(q[row]).sum(axis=1) > 0]  # without query expansion, padding rows are zero
+                _, I = self.index.search(np.ascontiguousarray(toks), candidates_per_token)
                 cands = np.unique(self.tok2doc[I[I >= 0]])
-                scores = [float((q[row] @ self.vecs[c].astype(np.float32).T).max(axis=1).sum()) for c in cands]
+                scores = [float((toks @ self.vecs[c].astype(np.float32).T).max(axis=1).sum()) for c in cands]
                 top = np.argsort(scores)[::-1][:k]
                 out[qid] = {self.doc_ids[cands[i]]: scores[i] for i in top}
         return out
