@@ -139,6 +139,19 @@ def _head_was_loaded(checkpoint: str) -> bool:
 # --------------------------------------------------------------------------- refresh
 
 
+def mine_at_step(miner, encoder, emb_dir: Path, step: int):
+    """``miner(encoder, emb_dir)`` with its sampling seed drawn from (seed, step): ANCE samples afresh at every
+    refresh (not the same rank positions each time), and a resumed run replays the same negatives."""
+    import numpy as np
+
+    base = miner.seed
+    miner.seed = int(np.random.SeedSequence([int(base), int(step)]).generate_state(1)[0])
+    try:
+        return miner(encoder, emb_dir)
+    finally:
+        miner.seed = base
+
+
 class AnnRefresher:
     """Re-mines hard negatives with the weights being trained (see the module docstring).
 
@@ -245,7 +258,7 @@ class AnnRefresher:
         shutil.rmtree(emb_dir, ignore_errors=True)
         log.info("[refresh] step %d: re-encoding %d docs and re-mining %d queries",
                  step, len(self.miner.doc_ids), len(self.miner.queries))
-        _, negs, stats = self.miner(encoder, emb_dir)
+        _, negs, stats = mine_at_step(self.miner, encoder, emb_dir, step)
         shutil.rmtree(emb_dir, ignore_errors=True)
         path = self._negs_path(step)
         write_negatives(path, negs, self.miner.positives)
@@ -357,7 +370,7 @@ def refresh_worker(miner, encoder_spec, refresh_dir: str, device: str, parent_pi
             encoder.load_state_dict(torch.load(newest, map_location="cpu"))
             emb_dir = d / f"emb_step{step:07d}"
             shutil.rmtree(emb_dir, ignore_errors=True)
-            _, negs, stats = miner(encoder, emb_dir)
+            _, negs, stats = mine_at_step(miner, encoder, emb_dir, step)
             shutil.rmtree(emb_dir, ignore_errors=True)
             out = d / f"negatives_step{step:07d}.jsonl"
             stats["seconds"] = round(time.perf_counter() - t0, 2)

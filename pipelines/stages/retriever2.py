@@ -90,4 +90,4 @@ def run(ctx: Context) -> dict[str, float]:
     return metrics
 
 
-STAGE = Stage(name="retriever2", version="1", reads=reads, run=run, uses=uses, distributed=True)
+STAGE = Stage(name="retriever2", version="2", reads=reads, run=run, uses=uses, distributed=True)
