@@ -17,12 +17,19 @@ help: ## list the targets
 
 setup: $(VENV)/.installed ## create .venv and install dr-lab with the dev extra (idempotent)
 
-$(VENV)/.installed: pyproject.toml
+# Reference implementations for the parity tests, without their dependencies: PyLate 1.6.0 pins
+# torch 2.11 / transformers <= 5.3 / sentence-transformers 5.3 (pip would replace the CPU torch with a
+# CUDA build), FlagEmbedding 1.2.11 (the last release with RetroMAE pre-training) pins old transformers.
+# The tests import only their modelling code, which runs on the dev extra's packages.
+PARITY_REFS := pylate==1.6.0 FlagEmbedding==1.2.11
+
+$(VENV)/.installed: pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned: the exact version takes the CPU wheel; a range would pull CUDA builds
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps $(PARITY_REFS)
 	@touch $@
 
 run: setup ## quickstart on SciFact: BM25, pretrained MiniLM, DPR fine-tuned; prints a table
