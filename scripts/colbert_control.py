@@ -106,7 +106,7 @@ def build(variant: str, checkpoint: str, seed: int):
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(checkpoint)
-    bb = AutoModel.from_pretrained(checkpoint, add_pooling_layer=False, torch_dtype=torch.float32)
+    bb = AutoModel.from_pretrained(checkpoint, add_pooling_layer=False, dtype=torch.float32)
     model = ColBERT(bb, tok, query_expansion=variant != "noexp")
     if variant == "pylate":
         return PyLateTeacher(checkpoint, model.linear, model.cfg["query_max_len"], model.cfg["doc_max_len"])

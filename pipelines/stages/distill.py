@@ -10,9 +10,9 @@ from ``model.encoder`` (TCT-ColBERT's student), and trains with the retriever1 t
   (``teacher_scores.jsonl``); ``KL(teacher || student)`` over the group + ``alpha`` x InfoNCE;
 * ``MarginMSE`` -- Hofstätter et al. 2020: the same groups, margins regressed;
 * ``InBatchKD`` -- TCT-ColBERT (Lin et al. 2021): the ColBERT teacher (the rerank stage's
-  checkpoint) scores every query x passage pair of the batch on the fly; ``n_negatives: 0`` is
-  the paper's in-batch KD, ``n_negatives > 0`` puts hard negatives (from the mine stage, else the
-  BM25 window) into the batch: the HN variant.
+  checkpoint) scores every query x passage pair of the batch on the fly; ``n_negatives: 0``: only
+  the batch's positives; ``n_negatives: 1``: one hard negative per query in the batch (from the mine
+  stage, else the BM25 window): the (q, p+, p-) triples the paper trains on.
 
 Reads ``data``, ``model.encoder``, ``model.teacher``, ``pipeline.distill``, ``seed``. Uses
 ``rerank``, the newest checkpoint and, for in-batch KD with hard negatives, ``mine`` or ``bm25``.
