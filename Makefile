@@ -131,11 +131,11 @@ table-pretrain: setup ## pre-training methods x the same fine-tuning budget on S
 	$(PY) run.py model=contriever data=scifact $(FT) $(SMALL) $(PT) $(ENC) name=pt-contriever-scifact
 	$(PY) run.py model=contriever data=scifact 'model.chain=[pretrain,index,eval]' $(SMALL) $(PT) $(ENC) name=pt-contriever-zeroshot-scifact
 	$(PY) run.py model=simlm data=scifact $(FT) $(SMALL) $(PT_VOCAB) $(ENC) model.encoder.pooling=cls name=pt-simlm-scifact
-	$(PY) run.py model=retromae data=scifact $(FT) $(SMALL) $(PT_VOCAB) $(ENC) name=pt-retromae-scifact
+	$(PY) run.py model=retromae data=scifact $(FT) $(SMALL) $(PT_VOCAB) $(ENC) model.pretrain.dec_rate=0.5 name=pt-retromae-scifact
 	$(PY) run.py model=ict data=scifact $(FT) $(SMALL) $(PT) $(ENC) name=pt-ict-scifact
 	$(PY) run.py model=ict data=scifact $(FT) $(ENC) $(FT_MINILM) model.encoder.pooling=cls model.pretrain._target_=retrievers.pretraining.no_pretraining name=pt-minilm-none-scifact
 	$(PY) run.py model=simlm data=scifact $(FT) $(ENC) $(FT_MINILM) model.encoder.pooling=cls pipeline.pretrain.precision=bf16 name=pt-minilm-simlm-scifact
-	$(PY) run.py model=retromae data=scifact $(FT) $(ENC) $(FT_MINILM) pipeline.pretrain.precision=bf16 name=pt-minilm-retromae-scifact
+	$(PY) run.py model=retromae data=scifact $(FT) $(ENC) $(FT_MINILM) pipeline.pretrain.precision=bf16 model.pretrain.dec_rate=0.5 name=pt-minilm-retromae-scifact
 	$(PY) -m scripts.compare pt-none-scifact pt-contriever-scifact pt-simlm-scifact pt-retromae-scifact pt-ict-scifact \
 	  pt-minilm-none-scifact pt-minilm-simlm-scifact pt-minilm-retromae-scifact pt-contriever-zeroshot-scifact pretrained-scifact \
 	  --metrics ndcg@10 recall@100 mrr@10 --out outputs/tables/pretrain-scifact.md

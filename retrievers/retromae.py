@@ -6,17 +6,24 @@
   the masked positions; the [CLS] vector is the sentence embedding ``h``.
 * **Decoder**: one transformer layer with *enhanced decoding*: a query stream
   ``H1 = h + p_i`` (the sentence embedding plus position ``i``'s embedding) attends, through
-  a position-specific attention mask, to a content stream ``H2 = [h + p_0, e(x'_1) + p_1,
-  ...]`` built from an aggressively masked copy of the input (``dec_rate``, 50-70%). Row ``i``
-  of the mask lets position ``i`` see the sentence embedding (position 0) and a random subset
-  (each other real position with probability ``dec_visible``) of the content stream, never
-  itself. The decoder reconstructs *every* original text token from this ([CLS] / [SEP], whose
+  a position-specific attention mask, to a content stream ``H2 = [h + p_0, e(x_1) + p_1,
+  ...]`` of the original tokens. Row ``i`` of the mask lets position ``i`` see the sentence
+  embedding (position 0) and a random subset (each other real position with probability
+  ``dec_visible``, 0.5: the paper's 50-70% hidden) of the content stream, never itself: the
+  aggressive masking of the decoder is this attention mask, as in FlagEmbedding's
+  implementation (``tests/test_parity_retromae.py``). ``dec_rate > 0`` additionally replaces that
+  share of the content tokens with [MASK] (the first version's default, 0.5: each row then saw
+  ~25% of the text, not ~50%; the pre-training table's RetroMAE rows were measured so). The decoder reconstructs *every* original text token from this ([CLS] / [SEP], whose
   labels are constant, only with ``loss_on_special``); ``L = L_enc + L_dec``.
   The decoder is dropped after pre-training.
 
-What differs: the decoder layer is a plain post-LN transformer layer (attention
-+ FFN) initialised randomly (the paper: a BERT layer); the visible subset is sampled per
-row with a probability rather than a fixed count. The fine-tuning family is the dpr-style
+What differs (pinned against FlagEmbedding 1.2.11 in ``tests/test_parity_retromae.py``): the
+decoder layer is a plain post-LN transformer layer (attention + FFN, LayerNorm eps 1e-5)
+initialised randomly (the paper: a BERT layer); the visible subset is sampled per row with a
+probability rather than a fixed count of whole words; the encoder masks single tokens, always
+with [MASK] (FlagEmbedding: whole words, 80/10/10); the query stream is ``h + p_i`` without
+LayerNorm or token-type embedding, and content slot 0 is ``LN(h + p_0)`` (FlagEmbedding: raw
+``h``). The fine-tuning family is the dpr-style
 bi-encoder with [CLS] pooling (``model=retromae``).
 """
 
@@ -56,7 +63,7 @@ class EnhancedDecoderLayer(nn.Module):
 
 class RetroMAEPretrainer(nn.Module):
     def __init__(self, checkpoint: str, init_config: dict | None = None, enc_rate: float = 0.3,
-                 dec_rate: float = 0.5, dec_visible: float = 0.5, max_len: int = 144,
+                 dec_rate: float = 0.0, dec_visible: float = 0.5, max_len: int = 144,
                  loss_on_special: bool = False, local_dirs: dict | None = None, seed: int = 0):
         super().__init__()
         from retrievers.pretraining import base_of, load_mlm

@@ -41,13 +41,12 @@ Design differences (each pinned by a test below; none changed here):
    embeddings and ``p_0 = 0``; with those, the two recipes are the same function.
 2. Decoder masking. FlagEmbedding's decoder reads the *unmasked* ids; its only decoder masking is
    the matrix mask (row ``i`` hides one of ``min(L, 128)`` pre-drawn whole-word masks of
-   ``round(L * p_dec)`` words, plus ``i``). dr-lab replaces ``dec_rate`` of the tokens by [MASK]
-   *and* hides each other position independently with probability ``1 - dec_visible``: a row sees
-   ~``(1 - dec_rate) * dec_visible`` (0.25 with the defaults) of the real tokens, not ~0.5. With
-   ``dec_rate=0`` and ``dec_visible = 1 - p_dec`` dr-lab is FlagEmbedding's scheme up to the
-   sampling distribution (per-entry Bernoulli vs a fixed count of whole words). FlagEmbedding
-   follows the paper here (its content stream is the unmasked tokens); dr-lab's double masking is
-   its own documented choice (module docstring), so a departure from both, not a computation bug.
+   ``round(L * p_dec)`` words, plus ``i``). dr-lab (default ``dec_rate=0``) reads the unmasked ids
+   too and hides each other position independently with probability ``1 - dec_visible``: a row sees
+   ~``dec_visible`` (0.5) of the real tokens, FlagEmbedding's scheme up to the sampling distribution
+   (per-entry Bernoulli vs a fixed count of whole words). dr-lab's first version also replaced
+   ``dec_rate=0.5`` of the content tokens by [MASK], so a row saw ~25% of the text: this test found
+   it, and the default now follows the paper and FlagEmbedding.
 3. Encoder masking: token-level Bernoulli(``enc_rate``), all [MASK]; FlagEmbedding: whole words,
    ``round(L * p)`` of them, 80% [MASK] / 10% random / 10% kept.
 4. Decoder layer: ``nn.LayerNorm`` eps 1e-5 and dropout 0.1 fixed, not ``config.layer_norm_eps``
@@ -195,7 +194,7 @@ def bert(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def drlab_base(bert):
-    """dr-lab's pretrainer from conf/model/retromae.yaml (enc_rate .3, dec_rate .5, dec_visible .5)."""
+    """dr-lab's pretrainer from conf/model/retromae.yaml (enc_rate .3, dec_rate 0, dec_visible .5)."""
     return component(["model=retromae"], "model.pretrain", checkpoint=str(bert), max_len=MAX_LEN, seed=0)
 
 
@@ -339,15 +338,17 @@ def _grads(dr, ref) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
 # --------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_losses_and_gradients_equal_flagembedding(fe, drlab_base, seed):
-    """dr-lab's own sampled masks (conf defaults), fed to FlagEmbedding: L_enc, L_dec, L, grads."""
+@pytest.mark.parametrize("seed,dec_rate", [(0, 0.0), (1, 0.5)], ids=["default", "dec_rate=0.5"])
+def test_losses_and_gradients_equal_flagembedding(fe, drlab_base, seed, dec_rate):
+    """dr-lab's own sampled masks, fed to FlagEmbedding: L_enc, L_dec, L, grads. ``dec_rate=0`` is the
+    default (unmasked content stream); 0.5 (the first version's [MASK]s in it) goes through the same code."""
     dr, ref = _pair(fe, drlab_base)
+    dr.dec_rate = dec_rate
     texts = TEXTS[seed * 4:seed * 4 + 5]  # different lengths: padding inside the batch
     total, logs, rec = _drlab_loss(dr, texts, seed)
     batch = _fe_batch_from_drlab(dr, texts, rec)
     assert bool((batch["encoder_labels"] != -100).any())
-    assert bool((batch["decoder_input_ids"] == dr.tokenizer.mask_token_id).any())  # dr-lab's dec_rate masking
+    assert bool((batch["decoder_input_ids"] == dr.tokenizer.mask_token_id).any()) == (dec_rate > 0)
     assert bool((batch["decoder_attention_mask"] == 0).any())  # a real position-specific mask, not all-visible
     ref_total, ref_enc, ref_dec = _fe_loss(ref, batch)
 
@@ -368,11 +369,12 @@ def test_losses_and_gradients_equal_flagembedding(fe, drlab_base, seed):
 
 def test_comparison_is_sensitive_to_the_decoder_inputs(fe, drlab_base):
     """The parity above can fail: a different position-specific mask (each text row's visible text
-    columns complemented), or FlagEmbedding's unmasked decoder ids instead of dr-lab's, move the
-    reference's decoder loss by far more than the tolerance."""
+    columns complemented), or the unmasked decoder ids instead of [MASK]ed ones (dec_rate=0.5), move
+    the reference's decoder loss by far more than the tolerance."""
     from retrievers.pretraining import tokenize_batch
 
     dr, ref = _pair(fe, drlab_base)
+    dr.dec_rate = 0.5
     texts = TEXTS[:4]
     _, logs, rec = _drlab_loss(dr, texts, 0)
     batch = _fe_batch_from_drlab(dr, texts, rec)
@@ -491,7 +493,7 @@ def _visible_real_fraction(blocked, ids, attn, mask_id, special):
 def test_difference_decoder_masking(fe, drlab_base):
     """Difference 2: FlagEmbedding masks the decoder only through the matrix (a fixed count of whole
     words per row over unmasked ids); dr-lab masks the ids (dec_rate) and samples visibility per
-    entry (dec_visible), so with the defaults a row sees ~(1-.5)*.5 = 25% of the text, not ~50%."""
+    entry (dec_visible): both rows see ~50% of the text; the first version's dec_rate=.5 saw ~25%."""
     from retrievers.pretraining import special_mask, tokenize_batch
 
     dr = copy.deepcopy(drlab_base)
@@ -511,7 +513,7 @@ def test_difference_decoder_masking(fe, drlab_base):
     dr_ids, _ = dr._mask(ids, attn, dr.dec_rate)
     dr_blocked = dr.visibility(attn)
     mask_id = tok.mask_token_id
-    assert 0.35 < float((dr_ids == mask_id)[text].float().mean()) < 0.65  # dec_rate = .5 of the text is [MASK]
+    assert dr.dec_rate == 0 and torch.equal(dr_ids, ids)  # like FlagEmbedding: the content stream is unmasked
 
     # both: every scored row sees position 0 (the sentence embedding), never itself
     for blocked in (fe_blocked, dr_blocked):
@@ -533,7 +535,12 @@ def test_difference_decoder_masking(fe, drlab_base):
     f_fe = _visible_real_fraction(fe_blocked, batch["decoder_input_ids"], attn, mask_id, special)
     f_dr = _visible_real_fraction(dr_blocked, dr_ids, attn, mask_id, special)
     assert 0.4 < f_fe < 0.6, f_fe
-    assert 0.15 < f_dr < 0.35, f_dr
+    assert 0.4 < f_dr < 0.6, f_dr
+    dr.dec_rate = 0.5  # the first version's default: [MASK]s in the content stream too
+    torch.manual_seed(0)
+    old_ids, _ = dr._mask(ids, attn, dr.dec_rate)
+    assert 0.35 < float((old_ids == mask_id)[text].float().mean()) < 0.65
+    assert 0.15 < _visible_real_fraction(dr.visibility(attn), old_ids, attn, mask_id, special) < 0.35
 
 
 def test_difference_encoder_masking(fe, drlab_base):
