@@ -82,8 +82,11 @@ def embedding_spread(encoder, texts: list[str], n: int = 256, seed: int = 0) -> 
 def pretrain_loop(method, texts: list[str], *, batch_size: int, epochs: float, max_steps: int | None, lr: float,
                   weight_decay: float, warmup_ratio: float, max_grad_norm: float, precision: str, save_every: int | None,
                   log_every: int, seed: int, work: Path, device, progress: bool = True,
-                  name: str = "pretrain") -> tuple[list[dict], int, float]:
-    """Resumable training of ``method`` on ``texts``; returns (log, steps, seconds)."""
+                  name: str = "pretrain", on_log=None) -> tuple[list[dict], int, float]:
+    """Resumable training of ``method`` on ``texts``; returns (log, steps, seconds).
+
+    ``on_log(record)``, when given, is called after each logged step with its log record (it may add keys:
+    ``scripts/pretrain_probe.py`` measures the [CLS] vectors there)."""
     from tqdm.auto import tqdm
 
     from retrievers.train_utils import _rng_states, _set_rng_states, adamw_linear, atomic_torch_save
@@ -146,6 +149,9 @@ def pretrain_loop(method, texts: list[str], *, batch_size: int, epochs: float, m
             rec = {"step": step, "loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
                    "passages_per_s": n_pass / dt, "tokens_per_s": n_tok / dt,
                    **{k: float(np.mean(v)) for k, v in parts.items()}}
+            if on_log is not None:
+                on_log(rec)
+                method.train()
             history.append(rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             log.info("[%s] step %d  loss %.4f  %s  %.1f passages/s, %.0f tokens/s", name, step, rec["loss"],

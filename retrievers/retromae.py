@@ -13,8 +13,9 @@
   aggressive masking of the decoder is this attention mask, as in FlagEmbedding's
   implementation (``tests/test_parity_retromae.py``). ``dec_rate > 0`` additionally replaces that
   share of the content tokens with [MASK] (the first version's default, 0.5: each row then saw
-  ~25% of the text, not ~50%; the pre-training table's RetroMAE rows were measured so). The decoder reconstructs *every* original text token from this ([CLS] / [SEP], whose
-  labels are constant, only with ``loss_on_special``); ``L = L_enc + L_dec``.
+  ~25% of the text, not ~50%; the pre-training table's RetroMAE rows were measured so). The
+  decoder reconstructs *every* original text token from this ([CLS] / [SEP], whose labels are
+  constant, only with ``loss_on_special``); ``L = L_enc + L_dec``.
   The decoder is dropped after pre-training.
 
 What differs (pinned against FlagEmbedding 1.2.11 in ``tests/test_parity_retromae.py``): the
