@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -72,6 +73,42 @@ def test_colbert_end_to_end_index_equals_exhaustive_maxsim(colbert):
         full = colbert.score_all([QUERIES[0]], DOCS)[0].numpy()
     want = [ids[i] for i in np.argsort(-full)[:5]]
     assert list(run["q1"]) == want
+
+
+def test_colbert_without_query_expansion_scores_real_tokens_only(colbert, tmp_path):
+    """query_expansion=false drops the [MASK] positions: since they are never attended to, the real
+    tokens' vectors are the same, and the score is the expansion score minus the [MASK]s' share. The
+    end-to-end index skips the zero rows and still equals exhaustive MaxSim."""
+    colbert.save(tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "colbert.json").read_text())
+    (tmp_path / "ck" / "colbert.json").write_text(json.dumps({**cfg, "query_expansion": False}))
+    plain = ColBERT.load(tmp_path / "ck")
+    with torch.no_grad():
+        real = colbert.tokenize_queries(QUERIES[:3])["attention_mask"].bool()
+        q = colbert.query(QUERIES[:3]) * real.unsqueeze(-1)
+        d, m = colbert.doc(DOCS)
+        np.testing.assert_allclose(plain.score_all(QUERIES[:3], DOCS).numpy(), maxsim_all(q, d, m).numpy(), rtol=1e-5)
+        assert plain.query(QUERIES[:1]).shape[1] < colbert.cfg["query_max_len"]
+    idx = ColbertIndex(plain, batch_size=5)
+    ids = [d for d, _, _ in TINY_DOCS]
+    idx.add(ids, DOCS)
+    run = idx.search({"q1": QUERIES[0]}, k=5, candidates_per_token=100)
+    with torch.no_grad():
+        full = plain.score_all([QUERIES[0]], DOCS)[0].numpy()
+    assert list(run["q1"]) == [ids[i] for i in np.argsort(-full)[:5]]
+
+
+def test_control_script_exhaustive_search_equals_score_all(colbert):
+    from scripts.colbert_control import exhaustive_search
+
+    docs = {d: f"{t}. {x}" for d, t, x in TINY_DOCS}
+    run = exhaustive_search(colbert, {"q1": QUERIES[0], "q2": QUERIES[1]}, docs, k=4, batch=3)
+    with torch.no_grad():
+        full = colbert.score_all(QUERIES[:2], list(docs.values())).numpy()
+    for row, q in enumerate(["q1", "q2"]):
+        want = [list(docs)[i] for i in np.argsort(-full[row])[:4]]
+        assert list(run[q]) == want
+        np.testing.assert_allclose([run[q][d] for d in want], np.sort(full[row])[::-1][:4], rtol=2e-3)  # fp16 tokens
 
 
 def test_group_ce_trains_colbert(colbert):
