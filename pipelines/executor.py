@@ -42,7 +42,7 @@ from retrievers.proc import failpoint
 log = logging.getLogger("drlab")
 
 #: Canonical order of every stage dr-lab knows. A family's chain is a sub-sequence.
-STAGE_ORDER = ("bm25", "pretrain", "retriever1", "mine", "retriever2", "rerank", "distill", "index", "eval")
+STAGE_ORDER = ("bm25", "expand", "pretrain", "retriever1", "mine", "retriever2", "rerank", "distill", "index", "eval")
 #: stages that write an encoder ``checkpoint/``, in chain order
 CHECKPOINT_STAGES = ("pretrain", "retriever1", "retriever2", "distill")
 

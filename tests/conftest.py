@@ -172,3 +172,26 @@ def tiny_texts(root: Path) -> list[str]:
             o = json.loads(line)
             texts.append(f"{o.get('title', '')} {o['text']}")
     return texts
+
+
+def make_tiny_lm(out: Path) -> Path:
+    """A random 1-layer Llama over the tiny BERT's WordPiece vocabulary (no chat template): the stand-in
+    for SmolLM2 in the expand stage's tests."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    bert = make_tiny_bert(out / "bert", [f"{t} {x}" for _, t, x in TINY_DOCS] + [q for _, q in TINY_QUERIES])
+    tok = AutoTokenizer.from_pretrained(bert)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out / "lm")
+    tok.save_pretrained(out / "lm")
+    return out / "lm"
+
+
+def tiny_llm_overrides(lm: Path) -> list[str]:
+    """model.llm -> the tiny LM directory instead of the packaged GGUF, a few tokens per text."""
+    return [f"model.llm.checkpoint={lm}", "model.llm.package=null", "model.llm.package_version=null",
+            "model.llm.gguf_file=null", "model.llm.max_new_tokens=4"]

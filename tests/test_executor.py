@@ -403,8 +403,8 @@ def test_stage_sees_only_declared_reads(env):
     env["fakes"].hooks.update(bm25=probe_bm25, pretrain=probe_pretrain)
     do_run(env, cfg, target="pretrain")
     assert seen["bm25_ok"] and seen["pretrain_ok"]
-    assert seen["bm25_top"] == {"data", "pipeline", "runtime"}
-    assert seen["pretrain_top"] == {"pipeline", "runtime"}
+    assert seen["bm25_top"] == {"data", "pipeline", "runtime", "gates"}  # runtime, gates: shown, never hashed
+    assert seen["pretrain_top"] == {"pipeline", "runtime", "gates"}
 
 
 def test_missing_read_is_a_config_error(env):

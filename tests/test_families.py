@@ -17,11 +17,14 @@ from conftest import (
     compose,
     make_tiny_beir,
     make_tiny_bert,
+    make_tiny_lm,
+    tiny_llm_overrides,
 )
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 FAMILIES = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+LLM_FAMILIES = {f for f in FAMILIES if "/llm@model.llm" in (CONF_DIR / "model" / f"{f}.yaml").read_text()}
 TEXTS = [f"{t} {x}" for _, t, x in TINY_DOCS] + [q for _, q in TINY_QUERIES]
 
 
@@ -43,13 +46,25 @@ def _group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    return make_tiny_lm(tmp_path_factory.mktemp("lm"))
+
+
+def _weights(family: str, bert: Path, lm: Path) -> list[str]:
+    """The tiny random weights for a family: its BERT checkpoint, or its LLM (the expansion families)."""
+    if family in LLM_FAMILIES:
+        return tiny_llm_overrides(lm)
+    return [f"model.checkpoint={bert}"] if family != "bm25" else []
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_target_of_a_family_instantiates(tmp_path, bert, family):
-    cfg = compose([f"model={family}"] + ([f"model.checkpoint={bert}"] if family != "bm25" else []), tmp_path)
+def test_every_target_of_a_family_instantiates(tmp_path, bert, lm, family):
+    cfg = compose([f"model={family}", *_weights(family, bert, lm)], tmp_path)
     tree = OmegaConf.to_container(cfg, resolve=True)
     found = dict(targets(tree))
     assert "pipeline.distill.loss" in found
-    assert family == "bm25" or {"model.encoder", "model.teacher"} & set(found), found
+    assert family == "bm25" or {"model.encoder", "model.teacher", "model.llm"} & set(found), found
     for path, _node in found.items():
         obj = instantiate(OmegaConf.select(cfg, path))
         assert obj is not None, path
@@ -64,12 +79,12 @@ def test_every_option_of_the_component_groups_instantiates(tmp_path, bert, group
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "bm25"])
-def test_every_family_chain_runs_end_to_end(tmp_path, bert, family):
+def test_every_family_chain_runs_end_to_end(tmp_path, bert, lm, family):
     from pipelines.runner import run_pipeline
 
     make_tiny_beir(tmp_path / "data" / "tiny")
     base = [f"model={family}", "data=beir", "data.name=tiny", "data.train_split=train", "debug=tiny",
-            f"model.checkpoint={bert}", "+runtime.progress=false"]
+            *_weights(family, bert, lm), "+runtime.progress=false"]
     tree = OmegaConf.to_container(compose(base, tmp_path))["model"]
     small = (["model.encoder.doc_max_len=32"] if "encoder" in tree else []) \
         + (["model.teacher.dim=8", "model.teacher.doc_max_len=32"] if "dim" in tree.get("teacher", {}) else []) \

@@ -1,7 +1,8 @@
 """Stage ``eval``: search the eval queries, score with ranx (= trec_eval), write a report.
 
 The system evaluated is the chain's last retriever: the dense ``index`` stage when the chain
-has one (queries encoded with the same model), otherwise the ``bm25`` run. With a ``rerank``
+has one (queries encoded with the same model), otherwise the ``expand`` stage's run (BM25 over
+LLM-expanded queries, reported next to plain BM25), otherwise the ``bm25`` run. With a ``rerank``
 stage and ``rerank_depth`` > 0, the retriever's top ``rerank_depth`` is re-scored by the trained
 teacher: its own row in the report, metrics ``rerank/<split>/<metric>`` and
 ``runs/<split>.rerank.trec``; ColBERT end to end (``colbert_e2e``) likewise. ``fusion`` (``rrf`` or
@@ -10,7 +11,7 @@ whose relevant documents is relevant in the train split (generalisation vs memor
 of both splits come through the dataset loader, whatever the format.
 
 Reads ``data``, ``model.name``, ``pipeline.eval`` (+ ``model.encoder`` with an index, +
-``model.teacher`` with a teacher). Uses ``index`` and/or ``bm25``, and ``rerank`` when it
+``model.teacher`` with a teacher). Uses ``index``, ``expand`` and/or ``bm25``, and ``rerank`` when it
 reranks. Writes ``runs/<split>.trec``, ``metrics.json``, ``per_query.json``, ``report.md`` and
 ``report.png``.
 """
@@ -42,7 +43,9 @@ def uses(cfg, before: list[str]) -> tuple[str, ...]:
     out = ()
     if "index" in before:
         out += ("index",)
-    if "bm25" in before and (not out or p.fusion):
+    if "expand" in before:  # BM25 over the LLM-expanded queries, shown next to plain BM25
+        out += ("expand",)
+    if "bm25" in before and (not out or p.fusion or "expand" in out):
         out += ("bm25",)
     if not out:
         raise ConfigError(
@@ -78,6 +81,8 @@ def run(ctx: Context) -> dict[str, float]:
         systems[ctx.cfg.model.name], extra_md = dense_search(
             ctx.upstream["index"], ctx.cfg.model.encoder, ds.split_queries(split), int(p.depth), device=str(rt.device),
             threads=int(rt.threads), encode_batch_size=int(rt.encode_batch_size), bf16=bool(rt.bf16))
+    if "expand" in ctx.upstream:
+        systems[f"bm25+{ctx.cfg.model.name}"] = read_trec(ctx.upstream["expand"] / "runs" / f"{split}.trec")
     if "bm25" in ctx.upstream:
         systems["bm25"] = read_trec(ctx.upstream["bm25"] / "runs" / f"{split}.trec")
     main_name = next(iter(systems))
@@ -146,6 +151,8 @@ def run(ctx: Context) -> dict[str, float]:
                 out.update({f"rerank/{subset}/{m}": v for m, v in means.items()})
             elif name == e2e_name:
                 out.update({f"colbert_e2e/{subset}/{m}": v for m, v in means.items()})
+            elif name == "bm25":  # the baseline next to a dense or an expanded-query system
+                out.update({f"bm25/{subset}/{m}": v for m, v in means.items()})
         curves[name] = recall_curve(qrels, r)
     write_trec(systems[main_name], ctx.out / "runs" / f"{split}.trec", tag=main_name.split()[0])
     if reranked_name:
