@@ -93,11 +93,20 @@ class TransformersLLM:
                               f"{n} copies of one text)")
         enc = self.tokenizer([self._chat(p) for p in prompts], return_tensors="pt", padding=True,
                              add_special_tokens=False, return_token_type_ids=False)
-        torch.manual_seed(self.seed * 1_000_003 + int(batch_seed))
+        ids, att = enc["input_ids"], enc["attention_mask"]
+        cache = None
         with torch.inference_mode():
-            out = self.model.generate(**enc, num_return_sequences=n, pad_token_id=self.tokenizer.pad_token_id,
-                                      **self.gen)
-        texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            if n > 1:  # read each prompt once, not n times: its KV cache is copied to the n samples
+                from transformers import DynamicCache
+
+                cache = DynamicCache()
+                self.model(input_ids=ids[:, :-1], attention_mask=att[:, :-1], past_key_values=cache, use_cache=True)
+                cache.batch_repeat_interleave(n)
+                ids, att = ids.repeat_interleave(n, 0), att.repeat_interleave(n, 0)
+            torch.manual_seed(self.seed * 1_000_003 + int(batch_seed))
+            out = self.model.generate(input_ids=ids, attention_mask=att, past_key_values=cache,
+                                      pad_token_id=self.tokenizer.pad_token_id, **self.gen)
+        texts = self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
         return [[t.strip() for t in texts[i * n:(i + 1) * n]] for i in range(len(prompts))], [None] * len(prompts)
 
 

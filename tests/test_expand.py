@@ -37,10 +37,19 @@ def test_prompt_cuts_passages_and_query_keeps_the_original():
 
 
 def test_generation_is_seeded_and_greedy_needs_one_text(tiny_lm):
+    import torch
+
     a, b = _llm(tiny_lm), _llm(tiny_lm)
-    prompts = ["waggle dance", "sourdough starter"]
+    prompts = ["waggle dance of honeybees", "sourdough starter"]  # different lengths: left padding
     assert a.generate(prompts, 2, batch_seed=1) == b.generate(prompts, 2, batch_seed=1)
     assert a.generate(prompts, 2, batch_seed=1) != a.generate(prompts, 2, batch_seed=2)
+    # the prompt is read once and its cache copied to the n samples: the same texts as HF's num_return_sequences
+    enc = a.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False, return_token_type_ids=False)
+    torch.manual_seed(a.seed * 1_000_003 + 1)
+    with torch.inference_mode():
+        ref = a.model.generate(**enc, num_return_sequences=2, pad_token_id=a.tokenizer.pad_token_id, **a.gen)
+    texts = [t.strip() for t in a.tokenizer.batch_decode(ref[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+    assert a.generate(prompts, 2, batch_seed=1)[0] == [texts[:2], texts[2:]]
     with pytest.raises(Exception, match="need sampling"):
         _llm(tiny_lm, do_sample=False).generate(prompts, 2)
 
