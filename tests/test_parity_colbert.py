@@ -375,3 +375,22 @@ def test_environment_unshimmed_pylate_does_not_expand_queries(bert):
     pl = models.ColBERT(modules=[word, models.Dense(32, DIM, bias=False)], device="cpu", query_prefix="[unused0]",
                         document_prefix="[unused1]", query_length=QL, document_length=DL)
     assert pl.tokenize(["bees?"], is_query=True)["input_ids"].shape[1] == 5 < QL
+
+
+def test_control_script_pylate_teacher_scores_and_trains(bert):
+    """scripts/colbert_control.py's ``pylate`` variant: PyLate's ColBERT (its defaults: new [Q]/[D] markers)
+    behind dr-lab's score_pairs, with dr-lab's projection weights; one group-CE step changes its scores."""
+    from retrievers.colbert import group_ce_loss
+    from scripts.colbert_control import PyLateTeacher
+
+    lin = torch.nn.Linear(_drlab(bert).backbone.config.hidden_size, DIM, bias=False)
+    t = PyLateTeacher(str(bert), lin, QL, DL)
+    assert torch.equal(t.m[1].linear.weight, lin.weight)
+    qs, ds = [QUERIES[0]] * 2 + [QUERIES[1]] * 2, DOCS[:4]
+    s0 = t.score_pairs(qs, ds)
+    assert s0.shape == (4,) and torch.isfinite(s0).all() and s0.requires_grad
+    opt = torch.optim.AdamW(t.parameters(), lr=1e-2)
+    group_ce_loss(s0.view(2, 2)).backward()
+    opt.step()
+    with torch.no_grad():
+        assert not torch.allclose(t.score_pairs(qs, ds), s0.detach())
