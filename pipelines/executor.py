@@ -73,6 +73,8 @@ class Stage:
     #: under torchrun: True = every rank runs ``run`` (it shards its own work);
     #: False = rank 0 runs it while the other ranks wait
     distributed: bool = False
+    #: the kinds of data it runs on (:func:`task_of`); on other data it is skipped ("n/a" in the plan)
+    tasks: tuple[str, ...] = ("retrieval",)
 
     def reads_for(self, cfg: DictConfig, before: list[str]) -> tuple[str, ...]:
         return tuple(self.reads(cfg, before) if callable(self.reads) else self.reads)
@@ -129,7 +131,7 @@ class Context:
 class PlanItem:
     stage: str
     key: str | None
-    status: str  # cached | run | force | disabled | damaged (a manifest whose files do not match: recomputed)
+    status: str  # cached | run | force | disabled | n/a (not for this data) | damaged (files do not match: recomputed)
     dir: Path | None
     seconds: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
@@ -153,6 +155,11 @@ def chain_of(cfg: DictConfig) -> list[str]:
     if positions != sorted(positions) or len(set(chain)) != len(chain):
         raise ConfigError(f"model '{cfg.model.name}' chain {chain} must follow the order {list(STAGE_ORDER)}")
     return chain
+
+
+def task_of(cfg: DictConfig) -> str:
+    """``sts`` for sentence-pair data (``data.format: sts``), else ``retrieval``."""
+    return "sts" if OmegaConf.select(cfg, "data.format") == "sts" else "retrieval"
 
 
 def _enabled(cfg: DictConfig, name: str) -> bool:
@@ -185,10 +192,15 @@ def plan(cfg: DictConfig, stages: dict[str, Stage], target: str, force: list[str
         )
     if target != "all" and not _enabled(cfg, target):
         raise ConfigError(f"target stage '{target}' is disabled (pipeline.{target}.enabled=false)")
-    enabled = [n for n in chain if _enabled(cfg, n)]
-    for name in enabled:
+    for name in chain:
         if name not in stages:
             raise ConfigError(f"stage '{name}' is not implemented yet; implemented: {', '.join(stages)}")
+    task = task_of(cfg)
+    applies = {n for n in chain if task in stages[n].tasks}
+    if target != "all" and target not in applies:
+        raise ConfigError(f"stage '{target}' does not run on {task} data (data={cfg.data.name}); "
+                          f"the stages that do: {', '.join(n for n in chain if n in applies)}")
+    enabled = [n for n in chain if _enabled(cfg, n) and n in applies]
     uses: dict[str, tuple[str, ...]] = {}
     needed: set[str] = set()
     todo = list(enabled) if target == "all" else [target]
@@ -203,7 +215,7 @@ def plan(cfg: DictConfig, stages: dict[str, Stage], target: str, force: list[str
     for name in chain:
         if name not in enabled:
             if target == "all" or STAGE_ORDER.index(name) < STAGE_ORDER.index(target):
-                items.append(PlanItem(name, None, "disabled", None))
+                items.append(PlanItem(name, None, "disabled" if name in applies else "n/a", None))
             continue
         if name not in needed:
             continue
@@ -223,7 +235,7 @@ def plan(cfg: DictConfig, stages: dict[str, Stage], target: str, force: list[str
 
 def format_plan(items: list[PlanItem]) -> str:
     width = max(len(i.stage) for i in items)
-    label = {"cached": "cached", "run": "to run", "force": "forced", "disabled": "disabled", "ran": "ran",
+    label = {"cached": "cached", "run": "to run", "force": "forced", "disabled": "disabled", "n/a": "n/a", "ran": "ran",
              "damaged": "damaged"}
     rows = [
         f"  {i.stage:<{width}}  {label[i.status]:<8}  {i.key or '-'}" + (f"  <- {', '.join(i.uses)}" if i.uses else "")
@@ -292,7 +304,7 @@ def execute(cfg: DictConfig, stages: dict[str, Stage], items: list[PlanItem], ca
     lock_dir.mkdir(parents=True, exist_ok=True)
     done: dict[str, Path] = {}
     for item in items:
-        if item.status == "disabled":
+        if item.status in ("disabled", "n/a"):
             continue
         stage = stages[item.stage]
         final = item.dir

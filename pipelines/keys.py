@@ -6,7 +6,8 @@
 does not depend on the machine:
 
 * ``data.path`` is replaced by a content fingerprint of the dataset's files, and
-  ``data.url`` (where the files came from, not what they hold) is dropped;
+  ``data.url`` (where the files came from, not what they hold) is dropped; the same holds for a
+  read part of ``data`` with a ``path`` of its own (``data.text``: the sentences STS pre-training reads);
 * every key named in :data:`MACHINE_KEYS` (``local_dirs``: model id -> directory on this
   machine) is dropped wherever it appears.
 
@@ -113,14 +114,14 @@ def data_fingerprint(path: str | os.PathLike) -> dict[str, str]:
 def hashed_value(cfg: DictConfig, dotted: str) -> Any:
     """What a read contributes to a key: the resolved node, without machine paths."""
     value = _strip_machine(select(cfg, dotted))
-    if dotted == "data" and isinstance(value, dict):
-        value = dict(value)
+    if (dotted == "data" or dotted.startswith("data.")) and isinstance(value, dict):
+        value = dict(value)  # the dataset, or a part of it with its own files (data.text of STS data)
         value.pop("url", None)
         path = value.pop("path", None)
         if path is not None:
             value["fingerprint"] = data_fingerprint(path)
-    elif dotted.startswith("data.") and dotted.split(".")[1] in ("path", "url"):
-        raise ConfigError(f"a stage may not read '{dotted}' on its own (a machine path); read 'data'")
+    elif dotted.startswith("data.") and dotted.split(".")[-1] in ("path", "url"):
+        raise ConfigError(f"a stage may not read '{dotted}' on its own (a machine path); read its parent node")
     return value
 
 

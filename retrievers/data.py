@@ -8,6 +8,8 @@ Formats (``data.format``):
 * ``msmarco``: ``collection.tsv`` (``pid<TAB>text``), ``queries.<split>.tsv``
   (``qid<TAB>text``), ``qrels.<split>.tsv`` (TREC 4 columns ``qid 0 pid rel``).
   File names are configurable under ``data.files``.
+* ``sts``: sentence pairs with gold scores, ``<set>/<split>.tsv`` (:mod:`retrievers.sts`); no
+  corpus or qrels, so only the ``pretrain`` and ``eval`` stages apply to it.
 * ``dpr``: ``<split>.json`` lists of ``{question, positive_ctxs, hard_negative_ctxs}``
   (DPR's retriever training files) and an optional passage TSV (``id text title``,
   DPR's ``psgs_w100.tsv``). Without the TSV the corpus is the union of the contexts.
@@ -99,7 +101,11 @@ def expected_files(cfg: dict[str, Any], splits: list[str]) -> list[Path]:
         ] + [root / (files.get("qrels") or {}).get(s, f"qrels.{s}.tsv") for s in splits]
     if fmt == "dpr":
         return [root / (files.get("splits") or {}).get(s, f"{s}.json") for s in splits]
-    raise DataError(f"data.format '{fmt}' is unknown; valid choices: beir, msmarco, dpr")
+    if fmt == "sts":
+        from retrievers.sts import expected_files as sts_files
+
+        return sts_files(cfg)
+    raise DataError(f"data.format '{fmt}' is unknown; valid choices: beir, msmarco, dpr, sts")
 
 
 def ensure_available(cfg: dict[str, Any], splits: list[str], download: bool = True) -> None:
@@ -303,8 +309,11 @@ def load_dataset(cfg: dict[str, Any], splits: list[str], with_corpus: bool = Tru
             ds.qrels[s] = read_qrels(root / (files.get("qrels") or {}).get(s, f"qrels.{s}.tsv"))
     elif fmt == "dpr":
         _load_dpr(ds, root, files, splits, with_corpus)
+    elif fmt == "sts":
+        raise DataError(f"data '{cfg['name']}' is STS sentence pairs (format sts): it has no corpus, queries or "
+                        f"relevance judgments. Only the pretrain and eval stages run on it (retrievers/sts.py).")
     else:
-        raise DataError(f"data.format '{fmt}' is unknown; valid choices: beir, msmarco, dpr")
+        raise DataError(f"data.format '{fmt}' is unknown; valid choices: beir, msmarco, dpr, sts")
     _check(ds, bool(cfg.get("strict", False)), root, with_corpus)
     return ds
 

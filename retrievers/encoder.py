@@ -176,7 +176,7 @@ class BiEncoder(nn.Module):
         dev = torch.device(device)
         use_bf16 = bf16 and dev.type in ("cuda", "cpu")
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-        bar = tqdm(total=len(texts), desc=f"encode {side}s", unit="txt", disable=not progress, mininterval=2)
+        bar = tqdm(total=len(texts), desc=f"encode {side} texts", unit="txt", disable=not progress, mininterval=2)
         for b in batches:
             feats = self.tokenizer.pad({k: [enc[k][j] for j in b] for k in keys}, return_tensors="pt")
             feats = {k: v.to(dev) for k, v in feats.items()}

@@ -46,10 +46,10 @@ def test_data_composes_and_resolves(name, tmp_path):
     cfg = compose(overrides, tmp_path, data_dir=tmp_path / "datasets")
     resolved = _resolve(cfg)
     data = resolved["data"]
-    assert data["format"] in {"beir", "msmarco", "dpr"}
+    assert data["format"] in {"beir", "msmarco", "dpr", "sts"}
     assert data["eval_split"]
-    # The dataset lives in <paths.data_dir>/<name>/, whatever the machine.
-    assert data["path"] == str(tmp_path / "datasets" / data["name"])
+    # The dataset lives in <paths.data_dir>/<name>/ (STS sets: <paths.data_dir>/sts/<set>/), whatever the machine.
+    assert data["path"] == str(tmp_path / "datasets" / ("sts" if data["format"] == "sts" else data["name"]))
     splits = [s for s in (data["eval_split"], data.get("train_split")) if s]
     files = expected_files(data, splits)
     assert files and all(Path(f).is_relative_to(data["path"]) for f in files)

@@ -10,6 +10,10 @@ teacher: its own row in the report, metrics ``rerank/<split>/<metric>`` and
 whose relevant documents is relevant in the train split (generalisation vs memorisation). Qrels
 of both splits come through the dataset loader, whatever the format.
 
+On STS data (``data.format: sts``) it scores sentence pairs instead: the newest checkpoint (or
+``model.encoder`` as configured) encodes both sentences, and the metrics are Spearman's and Pearson's
+correlation of their cosine with the gold score, per set and subset (:mod:`retrievers.sts`).
+
 Reads ``data``, ``model.name``, ``pipeline.eval`` (+ ``model.encoder`` with an index, +
 ``model.teacher`` with a teacher). Uses ``index``, ``expand`` and/or ``bm25``, and ``rerank`` when it
 reranks. Writes ``runs/<split>.trec``, ``metrics.json``, ``per_query.json``, ``report.md`` and
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import logging
 
-from pipelines.executor import Context, Stage
+from pipelines.executor import Context, Stage, newest_checkpoint, task_of
 from retrievers.data import load_dataset
 from retrievers.errors import ConfigError
 from retrievers.evaluation import (
@@ -39,6 +43,8 @@ log = logging.getLogger("drlab")
 
 
 def uses(cfg, before: list[str]) -> tuple[str, ...]:
+    if task_of(cfg) == "sts":  # sentence pairs: the newest checkpoint encodes them (or model.encoder as configured)
+        return newest_checkpoint(before)
     p = cfg.pipeline.eval
     out = ()
     if "index" in before:
@@ -58,6 +64,8 @@ def uses(cfg, before: list[str]) -> tuple[str, ...]:
 
 
 def reads(cfg, before: list[str]) -> tuple[str, ...]:
+    if task_of(cfg) == "sts":
+        return "data", "model.name", "model.encoder"
     used = uses(cfg, before)
     return (("data", "model.name", "pipeline.eval") + (("model.encoder",) if "index" in used else ())
             + (("model.teacher",) if "rerank" in used else ()))
@@ -65,6 +73,8 @@ def reads(cfg, before: list[str]) -> tuple[str, ...]:
 
 def run(ctx: Context) -> dict[str, float]:
     data = ctx.get("data")
+    if data["format"] == "sts":
+        return run_sts(ctx, data)
     p = ctx.cfg.pipeline.eval
     split = data["eval_split"]
     metrics = list(p.metrics)
@@ -178,4 +188,32 @@ def run(ctx: Context) -> dict[str, float]:
     return out
 
 
-STAGE = Stage(name="eval", version="3", reads=reads, run=run, uses=uses)
+def run_sts(ctx: Context, data: dict) -> dict[str, float]:
+    """Sentence pairs: Spearman / Pearson of the cosine with the gold scores (:mod:`retrievers.sts`)."""
+    from retrievers.encoder import instantiate_encoder, resolve_device
+    from retrievers.sts import evaluate_sts, flat_metrics, markdown, plot
+
+    rt = ctx.runtime
+    ckpt = ctx.checkpoint()
+    encoder = instantiate_encoder(ctx.cfg.model.encoder, checkpoint=ckpt)
+    device = resolve_device(str(rt.device))
+    encoder.to(device)
+    results = evaluate_sts(encoder, data, batch_size=int(rt.encode_batch_size), device=device, bf16=bool(rt.bf16),
+                           progress=bool(rt.get("progress", True)))
+    out = flat_metrics(results, data["eval_split"])
+    save_json(out, ctx.out / "metrics.json")
+    save_json({n: {"cosine": r["cosine"].tolist(), "gold": r["gold"].tolist()} for n, r in results.items()},
+              ctx.out / "per_pair.json")
+    who = f"checkpoint {ckpt.parent.name}" if ckpt else ctx.cfg.model.encoder.get("checkpoint", "")
+    title = f"{ctx.cfg.model.name} ({who}) on {data['name']} ({data['eval_split']})"
+    plot(results, ctx.out / "report.png", title)
+    table = markdown(results)
+    (ctx.out / "report.md").write_text(
+        f"# {title}\n\n{table}\n\nCosine of the two sentences' vectors (pooling: "
+        f"{encoder.cfg.get('pooling')}) against the gold score; Spearman's and Pearson's correlation x 100.\n"
+        "\n![cosine vs gold](report.png)\n")
+    log.info("[eval]\n%s", table)
+    return out
+
+
+STAGE = Stage(name="eval", version="3", reads=reads, run=run, uses=uses, tasks=("retrieval", "sts"))

@@ -7,12 +7,14 @@ The method is ``model.pretrain`` (a ``_target_`` builder returning a module with
 * RetroMAE masked auto-encoding with enhanced decoding (:mod:`retrievers.retromae`),
 * Contriever cropping + MoCo (:mod:`retrievers.contriever`),
 * ICT inverse cloze (and BFS / WLP when the corpus has the metadata) (:mod:`retrievers.ict`),
+* SG-OPT self-guided contrastive learning of the [CLS] vector (:mod:`retrievers.sgopt`),
 * ``retrievers.pretraining.no_pretraining``: no steps, only the (random or given) init --
   the "no pre-training" row, so every row starts from the same seeded weights.
 
 Text: every passage (``title + " " + text``) of the dataset's corpus plus the corpora named
 in ``pipeline.pretrain.extra_corpora`` (BEIR directories next to the dataset, e.g.
-``[nfcorpus]``). Training: ``batch_size`` passages per step, AdamW with linear warm-up and
+``[nfcorpus]``); on STS data, both sentences of every pair of ``data.text`` (scores dropped).
+Training: ``batch_size`` passages per step, AdamW with linear warm-up and
 decay, gradient clipping, ``max_steps`` (or ``epochs``); a resumable state (model, optimiser,
 scheduler, step, RNG) is written to the work dir every ``save_every`` steps; a progress bar
 and ``train_log.jsonl`` with loss parts and passages/s and tokens/s. ``precision: bf16`` runs
@@ -37,7 +39,7 @@ import random
 
 import numpy as np
 
-from pipelines.executor import Context, Stage
+from pipelines.executor import Context, Stage, task_of
 from retrievers.errors import ConfigError
 
 log = logging.getLogger("drlab")
@@ -57,20 +59,26 @@ def run(ctx: Context) -> dict[str, float]:
             "stage pretrain needs model.pretrain (a _target_ pre-training method); this family has none. Fix: use a "
             "family with one (simlm, contriever, retromae, ict) or drop pretrain from model.chain."
         )
-    data = ctx.get("data")
+    sts = ctx.cfg.data.format == "sts"
+    data = ctx.get("data.text" if sts else "data")
     torch.set_num_threads(int(ctx.runtime.threads))
     device = resolve_device(str(ctx.runtime.device))
     seed_everything(int(ctx.cfg.seed))
     random.seed(int(ctx.cfg.seed))
     method = instantiate(ctx.cfg.model.pretrain)
     wants_meta = hasattr(method, "set_corpus")  # ICT's BFS / WLP need the documents' metadata
-    texts, docs = corpus_texts(data, list(p["extra_corpora"] or []), metadata=wants_meta)
+    if sts:  # the sentences of data.text, scores dropped
+        from retrievers.sts import text_sentences
+
+        texts, docs, source = text_sentences(data), [], f"{data['path']}/{data['split']}.tsv"
+    else:
+        texts, docs = corpus_texts(data, list(p["extra_corpora"] or []), metadata=wants_meta)
+        source = f"{data['name']} + {p['extra_corpora'] or []}"
     if not texts:
-        raise ConfigError(f"no text to pre-train on in {data['path']}/corpus.jsonl (+ {p['extra_corpora']})")
+        raise ConfigError(f"no text to pre-train on in {data['path']} (+ {p['extra_corpora']})")
     if wants_meta:
         method.set_corpus(docs)
-    log.info("[pretrain] %s on %d passages (%s + %s)", type(method).__name__, len(texts), data["name"],
-             p["extra_corpora"] or [])
+    log.info("[pretrain] %s on %d passages (%s)", type(method).__name__, len(texts), source)
     history, steps, seconds = pretrain_loop(
         method, texts, batch_size=p["batch_size"], epochs=p["epochs"], max_steps=p["max_steps"], lr=p["lr"],
         weight_decay=p["weight_decay"], warmup_ratio=p["warmup_ratio"], max_grad_norm=p["max_grad_norm"],
@@ -86,8 +94,9 @@ def run(ctx: Context) -> dict[str, float]:
     log.info("[pretrain] document vectors: mean pairwise cosine %.4f on 256 passages (near 1: collapsed)", spread)
     (ctx.out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     if history:
-        plot_loss(history, ctx.out / "loss.png", title=f"pretrain ({type(method).__name__}) on {data['name']}")
-    stats = {"method": type(method).__name__, "passages": len(texts), "steps": steps, "seconds": round(seconds, 2),
+        plot_loss(history, ctx.out / "loss.png", title=f"pretrain ({type(method).__name__}) on {source}")
+    stats = {"method": type(method).__name__, "text": source, "passages": len(texts), "steps": steps,
+             "seconds": round(seconds, 2),
              "doc_mean_cosine": spread,
              "extra_corpora": p["extra_corpora"] or [], **getattr(method, "describe", lambda: {})()}
     (ctx.out / "pretrain_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
@@ -99,5 +108,12 @@ def run(ctx: Context) -> dict[str, float]:
     return metrics
 
 
-STAGE = Stage(name="pretrain", version="1", reads=("data", "model.encoder", "model.pretrain", "pipeline.pretrain", "seed"),
-              run=run, uses=())
+def _data_reads(cfg) -> tuple[str, ...]:
+    """The corpus (``data``), or for STS data only ``data.text`` -- so every STS dataset that pre-trains
+    on the same sentences shares one pretrain stage."""
+    return ("data.format", "data.text") if task_of(cfg) == "sts" else ("data",)
+
+
+STAGE = Stage(name="pretrain", version="1",
+              reads=lambda cfg, before: (*_data_reads(cfg), "model.encoder", "model.pretrain", "pipeline.pretrain", "seed"),
+              run=run, uses=(), tasks=("retrieval", "sts"))
