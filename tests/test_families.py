@@ -88,7 +88,8 @@ def test_every_family_chain_runs_end_to_end(tmp_path, bert, lm, family):
     tree = OmegaConf.to_container(compose(base, tmp_path))["model"]
     small = (["model.encoder.doc_max_len=32"] if "encoder" in tree else []) \
         + (["model.teacher.dim=8", "model.teacher.doc_max_len=32"] if "dim" in tree.get("teacher", {}) else []) \
-        + (["model.pretrain.queue_size=8"] if "queue_size" in tree.get("pretrain", {}) else [])
+        + (["model.pretrain.queue_size=8"] if "queue_size" in tree.get("pretrain", {}) else []) \
+        + (["model.pretrain.projection_dim=16"] if "projection_dim" in tree.get("pretrain", {}) else [])
     cfg = compose(base + small, tmp_path)
     summary = run_pipeline(cfg, tmp_path / "run")
     assert set(summary["stages"]) == set(cfg.model.chain)
