@@ -21,8 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from filelock import FileLock, Timeout
-
+from pipelines.locks import StageLock
 from pipelines.manifest import MANIFEST, problems
 
 
@@ -86,15 +85,14 @@ def gc(out: Path, remove: bool) -> int:
             else:
                 kind = "unreferenced"
         key = d.name.split(".")[0]
-        lock = FileLock(str(out / "locks" / f"{key}.lock"))
         try:
-            with lock.acquire(timeout=0):
+            with StageLock(out / "locks" / f"{key}.lock").acquire(timeout=0):
                 size = _size(d)
                 total += size
                 print(f"{kind:<13} {_human(size):>10}  {d}")
                 if remove:
                     shutil.rmtree(d) if d.is_dir() else d.unlink()
-        except Timeout:
+        except TimeoutError:
             print(f"{'in use':<13} {'':>10}  {d} (a running job holds its lock: skipped)")
     print(f"{'removed' if remove else 'removable (--remove)'}: {_human(total)}")
     return 0

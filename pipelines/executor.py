@@ -12,8 +12,9 @@ Life of a stage directory (all under ``outputs/cache/<stage>/``)::
     <key>/           atomic rename of .partial once manifest.json is written last
 
 A directory without ``manifest.json`` is never treated as finished. Two jobs (a Hydra ``-m``
-sweep) that need the same stage serialise on a file lock in ``outputs/locks/``; the second
-finds the manifest and reuses the result.
+sweep, on one host or on many sharing ``outputs/``) that need the same stage serialise on a lock
+in ``outputs/locks/`` (:mod:`pipelines.locks`: ``O_EXCL`` + heartbeat, safe on NFS and Lustre;
+a dead holder's lock is broken); the second finds the manifest and reuses the result.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines import keys as K
+from pipelines.locks import StageLock
 from pipelines.manifest import DamagedCacheError, file_hash, problems, record_files  # noqa: F401  (re-exported)
 from pipelines.provenance import git_state, package_versions, peak_rss_mb, reset_peak_rss
 from retrievers.errors import ConfigError
@@ -309,7 +310,8 @@ def execute(cfg: DictConfig, stages: dict[str, Stage], items: list[PlanItem], ca
         stage = stages[item.stage]
         final = item.dir
         assert final is not None and item.key is not None
-        lock = FileLock(str(lock_dir / f"{item.key}.lock")) if rank == 0 else nullcontext()
+        lock = (StageLock(lock_dir / f"{item.key}.lock", stale_after=float(cfg.runtime.get("lock_stale_s", 600)))
+                if rank == 0 else nullcontext())
         with lock:
             manifest = final / "manifest.json"
             cached = _agree(dist, manifest.exists() and item.status != "force" and _intact(cfg, item, final))

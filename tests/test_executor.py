@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import time
 from collections import Counter
 from datetime import datetime
@@ -515,57 +514,7 @@ def test_data_fingerprint_is_relative_and_content_based(tmp_path):
     assert keys_mod.data_fingerprint(b)["qrels/test.tsv"] != fa["qrels/test.tsv"]
 
 
-# --------------------------------------------------------------------------- (m) concurrency
-
-
-def _slow_counting_run(ctx):
-    """Importable at module level (for 'spawn'): append to a counter file, slowly."""
-    time.sleep(1.0)
-    with open(ctx.runtime.counter, "a") as fh:
-        fh.write(f"{ctx.stage}\n")
-    (ctx.out / "result.txt").write_text(ctx.key)
-    return {}
-
-
-def _concurrent_worker(root: str, barrier, results) -> None:
-    root_p = Path(root)
-    cfg = OmegaConf.create(
-        {
-            "model": {"name": "fake", "chain": ["bm25", "eval"]},
-            "pipeline": {"bm25": {"k1": 0.9}, "eval": {"metrics": ["ndcg@10"]}},
-            "runtime": {"counter": str(root_p / "counter.txt")},
-        }
-    )
-    stages = {
-        "bm25": Stage("bm25", "1", ("pipeline.bm25",), _slow_counting_run),
-        "eval": Stage("eval", "1", ("pipeline.eval",), _slow_counting_run),
-    }
-    barrier.wait(timeout=60)
-    items = plan(cfg, stages, "all", [], root_p / "cache")
-    execute(cfg, stages, items, root_p / "cache", root_p / "locks")
-    results.put([(i.stage, i.status, i.key) for i in items])
-
-
-def test_concurrent_processes_run_a_stage_once(tmp_path):
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(2)
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_concurrent_worker, args=(str(tmp_path), barrier, results)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0], "both workers finish without error"
-    outs = [results.get(timeout=10) for _ in procs]  # a few bytes each: flushed before exit
-    lines = (tmp_path / "counter.txt").read_text().split()
-    assert sorted(lines) == ["bm25", "eval"], f"each stage must run exactly once, got {lines}"
-    for stage in ("bm25", "eval"):
-        st = sorted(s for out in outs for (name, s, _) in out if name == stage)
-        assert st == ["cached", "ran"], f"{stage}: {st}"
-    assert {k for out in outs for (_, _, k) in out} == {k for (_, _, k) in outs[0]}
-    for stage_dir in (tmp_path / "cache").iterdir():
-        finals = [d for d in stage_dir.iterdir()]
-        assert len(finals) == 1 and (finals[0] / "manifest.json").exists(), finals
+# (m) concurrency: tests/test_locks.py (N processes on one cache, a job killed mid-stage)
 
 
 # --------------------------------------------------------------------------- verified cache hits

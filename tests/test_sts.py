@@ -149,8 +149,14 @@ def test_sts_sets_that_pre_train_on_the_same_sentences_share_one_pretrain_stage(
     two = _plan(base + ["data.name=both", "data.sets=[tiny,other]"], tmp_path)
     assert one["pretrain"].key == two["pretrain"].key
     assert one["eval"].key != two["eval"].key
+    # a retrieval dataset that names the same sentences reuses it (pre-train on STS-B, evaluate on SciFact)
+    beir = _plan(["model=sgopt", f"model.checkpoint={bert}", "data=beir", "data.name=tiny",
+                  f"+data.text={{path:{tiny_sts / 'tiny'},split:train}}"], tmp_path)
+    assert beir["pretrain"].key == one["pretrain"].key and beir["index"].status == "run"
     write_sts(tiny_sts / "tiny" / "train.tsv", PAIRS[:5])  # the pre-training sentences changed
     assert _plan(base, tmp_path)["pretrain"].key != one["pretrain"].key
+    with pytest.raises(ConfigError, match="data.text=null"):
+        _plan(base + ["data.text=null"], tmp_path)
 
 
 def test_sgopt_on_sts_runs_end_to_end(tmp_path, tiny_sts, bert):

@@ -13,7 +13,9 @@ The method is ``model.pretrain`` (a ``_target_`` builder returning a module with
 
 Text: every passage (``title + " " + text``) of the dataset's corpus plus the corpora named
 in ``pipeline.pretrain.extra_corpora`` (BEIR directories next to the dataset, e.g.
-``[nfcorpus]``); on STS data, both sentences of every pair of ``data.text`` (scores dropped).
+``[nfcorpus]``); or, when the data config has a ``data.text`` node (STS data does), both sentences
+of every pair of that file (scores dropped): ``data=scifact '+data.text={path:<dir>,split:train}'``
+pre-trains on STS-B's sentences and evaluates on SciFact, sharing the stage with ``data=stsb``.
 Training: ``batch_size`` passages per step, AdamW with linear warm-up and
 decay, gradient clipping, ``max_steps`` (or ``epochs``); a resumable state (model, optimiser,
 scheduler, step, RNG) is written to the work dir every ``save_every`` steps; a progress bar
@@ -38,6 +40,7 @@ import logging
 import random
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from pipelines.executor import Context, Stage, task_of
 from retrievers.errors import ConfigError
@@ -59,15 +62,15 @@ def run(ctx: Context) -> dict[str, float]:
             "stage pretrain needs model.pretrain (a _target_ pre-training method); this family has none. Fix: use a "
             "family with one (simlm, contriever, retromae, ict) or drop pretrain from model.chain."
         )
-    sts = ctx.cfg.data.format == "sts"
-    data = ctx.get("data.text" if sts else "data")
+    sentences = ctx.cfg.data.get("text") is not None  # data.text: pairs of sentences, not the corpus
+    data = ctx.get("data.text" if sentences else "data")
     torch.set_num_threads(int(ctx.runtime.threads))
     device = resolve_device(str(ctx.runtime.device))
     seed_everything(int(ctx.cfg.seed))
     random.seed(int(ctx.cfg.seed))
     method = instantiate(ctx.cfg.model.pretrain)
     wants_meta = hasattr(method, "set_corpus")  # ICT's BFS / WLP need the documents' metadata
-    if sts:  # the sentences of data.text, scores dropped
+    if sentences:  # both sentences of every pair of data.text, scores dropped
         from retrievers.sts import text_sentences
 
         texts, docs, source = text_sentences(data), [], f"{data['path']}/{data['split']}.tsv"
@@ -109,9 +112,14 @@ def run(ctx: Context) -> dict[str, float]:
 
 
 def _data_reads(cfg) -> tuple[str, ...]:
-    """The corpus (``data``), or for STS data only ``data.text`` -- so every STS dataset that pre-trains
-    on the same sentences shares one pretrain stage."""
-    return ("data.format", "data.text") if task_of(cfg) == "sts" else ("data",)
+    """``data.text`` when the data config names one (STS data does), else the corpus (``data``). Every run
+    that pre-trains on the same sentences shares one pretrain stage, whatever it is evaluated on."""
+    if OmegaConf.select(cfg, "data.text") is not None:
+        return ("data.text",)
+    if task_of(cfg) == "sts":
+        raise ConfigError(f"data '{cfg.data.name}' is STS data with data.text=null: the pretrain stage has no "
+                          f"sentences. Fix: data.text={{path: <dir with <split>.tsv>, split: train}}")
+    return ("data",)
 
 
 STAGE = Stage(name="pretrain", version="1",
