@@ -86,8 +86,21 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def export_submitit_ranks() -> None:
+    """Inside a submitit job with several tasks (``hydra/launcher=slurm``: one task per GPU), set the
+    variables torchrun would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from SLURM's."""
+    if "WORLD_SIZE" in os.environ or not (os.environ.get("SUBMITIT_EXECUTOR") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")):
+        return
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        # every rank sees every GPU of the node and picks cuda:LOCAL_RANK, as under torchrun
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def init_distributed_from_env(cfg: DictConfig) -> int:
-    """Under ``torchrun`` (WORLD_SIZE > 1) join the process group; returns this rank."""
+    """Under ``torchrun`` or a multi-task submitit job (WORLD_SIZE > 1) join the process group; returns this rank."""
+    export_submitit_ranks()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0
     import torch
