@@ -243,6 +243,38 @@ def search(index, queries: np.ndarray, k: int, chunk: int = 256, progress: bool 
     return D, I
 
 
+def merge_topk(D: np.ndarray, I: np.ndarray, D2: np.ndarray, I2: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` of two (scores, ids) result lists per query, best first (ids -1 = no result)."""
+    d, i = np.concatenate([D, D2], axis=1), np.concatenate([I, I2], axis=1)
+    d = np.where(i < 0, -np.inf, d)
+    top = np.argpartition(-d, min(k, d.shape[1]) - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(d, top, axis=1), axis=1, kind="stable")
+    top = np.take_along_axis(top, order, axis=1)
+    return np.take_along_axis(d, top, axis=1), np.take_along_axis(i, top, axis=1)
+
+
+def search_shards(shards: Sequence[np.ndarray], queries: np.ndarray, k: int, chunk: int = 256,
+                  add_batch_size: int = 65536):
+    """Exact top-``k`` over embedding ``shards`` (e.g. memory-mapped fp16 ``shard_NNN.npy``) without one
+    index of the whole corpus: a Flat index per shard, searched and dropped in turn, results merged.
+    Peak memory is one shard as float32 plus ``len(queries) x k`` results, whatever the corpus size."""
+    import faiss
+
+    nq = len(queries)
+    D = np.full((nq, 0), -np.inf, dtype=np.float32)
+    I = np.full((nq, 0), -1, dtype=np.int64)
+    offset = 0
+    for s in shards:
+        index = faiss.IndexFlatIP(int(s.shape[1]))
+        for block in iter_rows([s], add_batch_size):
+            index.add(block)
+        d, i = search(index, queries, k, chunk=chunk)
+        del index
+        D, I = merge_topk(D, I, d, np.where(i >= 0, i + offset, -1), k)
+        offset += s.shape[0]
+    return D.astype(np.float32), I
+
+
 def index_type(factory: str) -> str:
     f = factory.upper()
     if "HNSW" in f and "IVF" not in f:

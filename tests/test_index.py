@@ -271,6 +271,22 @@ def test_hnsw_and_ivfpq_build_and_search():
         faiss_index.build_index(shards, "IVF4,PQ5", progress=False)  # 5 does not divide 32
 
 
+def test_sharded_search_equals_one_flat_index():
+    """search_shards (a Flat index per stored shard, merged at search time) returns what one Flat index over
+    the whole corpus returns: the same ids and scores, best first, also with k larger than a shard."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2500, 16)).astype(np.float16)
+    q = rng.standard_normal((40, 16)).astype(np.float32)
+    shards = [x[:1000], x[1000:1900], x[1900:]]
+    whole, _ = faiss_index.build_index([x], "Flat", progress=False)
+    for k in (10, 700):
+        D, I = faiss_index.search(whole, q, k)
+        Ds, Is = faiss_index.search_shards(shards, q, k, chunk=7)
+        np.testing.assert_allclose(Ds, D, rtol=1e-5, atol=1e-5)
+        assert (Is == I).mean() > 0.999  # ties between equal fp16 scores may swap
+        assert (np.diff(Ds, axis=1) <= 1e-6).all()
+
+
 def test_clamp_factory_leaves_big_corpora_alone():
     assert faiss_index.clamp_factory("IVF256,PQ32", 1_000_000) == ("IVF256,PQ32", [])
     assert faiss_index.clamp_factory("HNSW32", 10) == ("HNSW32", [])
