@@ -10,7 +10,7 @@ export DRLAB_DATA_DIR
 DATA ?= scifact
 CHECKPOINT ?= sentence-transformers/all-MiniLM-L6-v2
 
-.PHONY: help setup run test test-faults test-data verify verify-quick lint bench table-bm25 table-dpr table-ance table-distill table-pretrain clean-cache
+.PHONY: help setup run test test-faults test-data verify verify-quick lint bench table-bm25 table-dpr table-ance table-distill table-pretrain table-sts clean-cache
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -142,6 +142,27 @@ table-pretrain: setup ## pre-training methods x the same fine-tuning budget on S
 	$(PY) -m scripts.compare pt-none-scifact pt-contriever-scifact pt-simlm-scifact pt-retromae-scifact pt-ict-scifact \
 	  pt-minilm-none-scifact pt-minilm-simlm-scifact pt-minilm-retromae-scifact pt-contriever-zeroshot-scifact pretrained-scifact \
 	  --metrics ndcg@10 recall@100 mrr@10 --out outputs/tables/pretrain-scifact.md
+
+NOPT := model.pretrain._target_=retrievers.pretraining.no_pretraining
+STSB_TEXT := '+data.text={path:$${paths.data_dir}/sts/stsb,split:train}'
+table-sts: setup ## SG-OPT: [CLS] before / after on SentEval's seven STS sets, then zero-shot on SciFact and NFCorpus
+	$(PY) run.py model=pretrained data=sts name=minilm-sts
+	$(PY) run.py model=sgopt data=sts $(NOPT) name=cls-minilm-sts
+	$(PY) run.py model=sgopt data=sts name=sgopt-minilm-sts
+	$(PY) run.py model=sgopt data=sts model.pretrain.variant=sg name=sg-minilm-sts
+	$(PY) run.py model=sgopt data=sts $(SMALL) $(NOPT) name=cls-small-sts
+	$(PY) run.py model=sgopt data=sts $(SMALL) name=sgopt-small-sts
+	$(PY) -m scripts.sts_table minilm-sts cls-minilm-sts sgopt-minilm-sts sg-minilm-sts cls-small-sts sgopt-small-sts \
+	  --out outputs/tables/sts.md
+	for d in scifact nfcorpus; do \
+	  $(PY) run.py model=sgopt data=$$d $(NOPT) name=cls-minilm-$$d && \
+	  $(PY) run.py model=sgopt data=$$d $(STSB_TEXT) name=sgopt-stsb-minilm-$$d && \
+	  $(PY) run.py model=sgopt data=$$d name=sgopt-minilm-$$d-corpus || exit 1; \
+	done
+	$(PY) -m scripts.compare pretrained-scifact cls-minilm-scifact sgopt-stsb-minilm-scifact sgopt-minilm-scifact-corpus \
+	  --metrics ndcg@10 recall@100 --out outputs/tables/sgopt-scifact.md
+	$(PY) -m scripts.compare pretrained-nfcorpus cls-minilm-nfcorpus sgopt-stsb-minilm-nfcorpus sgopt-minilm-nfcorpus-corpus \
+	  --metrics ndcg@10 recall@100 --out outputs/tables/sgopt-nfcorpus.md
 
 clean-cache: ## delete outputs/cache (every stage recomputes)
 	rm -rf outputs/cache outputs/locks

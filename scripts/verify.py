@@ -81,8 +81,9 @@ def why_not(e: dict, budget: str, data_dir: Path) -> str | None:
                 return f"needs data {what} (not in {data_dir})"
         else:
             raise SystemExit(f"error: entry '{e['name']}' needs '{need}'; kinds: gpu, weights:<id>, data:<dir>")
-    if not (data_dir / e["data"]).exists():
-        return f"needs data {e['data']} (not in {data_dir})"
+    where = e.get("data_path", e["data"])  # the dataset's directory under data_dir (STS sets: sts/<set>)
+    if not (data_dir / where).exists():
+        return f"needs data {where} (not in {data_dir})"
     return None
 
 
