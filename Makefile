@@ -155,6 +155,7 @@ table-sts: setup ## SG-OPT: [CLS] before / after on SentEval's seven STS sets, t
 	$(PY) -m scripts.sts_table minilm-sts cls-minilm-sts sgopt-minilm-sts sg-minilm-sts cls-small-sts sgopt-small-sts \
 	  --out outputs/tables/sts.md
 	for d in scifact nfcorpus; do \
+	  $(PY) run.py model=pretrained data=$$d name=pretrained-$$d && \
 	  $(PY) run.py model=sgopt data=$$d $(NOPT) name=cls-minilm-$$d && \
 	  $(PY) run.py model=sgopt data=$$d $(STSB_TEXT) name=sgopt-stsb-minilm-$$d && \
 	  $(PY) run.py model=sgopt data=$$d name=sgopt-minilm-$$d-corpus || exit 1; \
