@@ -9,7 +9,13 @@ directory, or a ``summary.json``; a suffix ``:rerank`` or ``:colbert_e2e`` takes
 second-stage row instead (the teacher reranking the retriever's top-k, ColBERT end to end):
 
     python -m scripts.compare simlm-scifact simlm-scifact:rerank tct-scifact:colbert_e2e
- The runs must be on the same dataset and split.
+
+``--fuse A,B`` adds a row that fuses the runs of ``A`` and ``B`` with ranx (``--fusion rrf``, or
+``wsum`` on min-max normalised scores), e.g. LLM-expanded BM25 with a dense retriever:
+
+    python -m scripts.compare bm25-scifact lamer-scifact pretrained-scifact --fuse lamer-scifact,pretrained-scifact
+
+The runs must be on the same dataset and split.
 Significance: ranx's paired test (Student's t by default; ``fisher`` for a
 randomisation test), superscripts name the rows a system beats at p < ``--max-p``.
 Runs are given to ranx in trec_eval's document order (see retrievers/evaluation.py).
@@ -23,7 +29,7 @@ import os
 from pathlib import Path
 
 from retrievers.data import load_dataset
-from retrievers.evaluation import _ranked, read_trec
+from retrievers.evaluation import _ranked, fuse, read_trec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,6 +102,9 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--outputs", default=os.environ.get("DRLAB_OUTPUT_DIR", str(REPO / "outputs")),
                     help="dr-lab's output directory (default: $DRLAB_OUTPUT_DIR, else ./outputs)")
     ap.add_argument("--out", help="also write the Markdown table here")
+    ap.add_argument("--fuse", action="append", default=[], metavar="A,B",
+                    help="add a row fusing these runs (names as the positional arguments; repeatable)")
+    ap.add_argument("--fusion", default="rrf", choices=["rrf", "wsum"])
     args = ap.parse_args(argv)
 
     import warnings
@@ -107,7 +116,13 @@ def main(argv: list[str] | None = None) -> str:
     for a in args.runs:
         base, variant = split_variant(a)
         loaded.append(load(find_summary(base, Path(args.outputs)), variant))
-    datasets = {(d["name"], d.get("format", "beir"), d["path"], split) for _, _, d, split in loaded}
+    parts_seen = []
+    for group in args.fuse:
+        parts = [load(find_summary(b, Path(args.outputs)), v) for b, v in map(split_variant, group.split(","))]
+        parts_seen += parts
+        fused = fuse({name: run for name, run, _, _ in parts}, args.fusion)
+        loaded.append((" + ".join(n for n, _, _, _ in parts) + f" ({args.fusion})", fused, parts[0][2], parts[0][3]))
+    datasets = {(d["name"], d.get("format", "beir"), d["path"], split) for _, _, d, split in loaded + parts_seen}
     if len(datasets) > 1:
         raise SystemExit(f"error: the runs are on different datasets/splits: {sorted(datasets)}")
     data, split = loaded[0][2], loaded[0][3]

@@ -258,6 +258,18 @@ def test_rerank_stage_trains_teacher_writes_scores_and_eval_reranks(tmp_path, te
     rows = [line for line in text.splitlines() if line.startswith("| ") and "run" not in line]
     assert len(rows) == 1 + len(variants)
     assert f"{m['test/ndcg@10']:.4f}" in rows[0] and f"{m['rerank/test/ndcg@10']:.4f}" in rows[1]
+    # --fuse: one more row, the RRF of the retriever and its reranked run (ranx), equal to fusing by hand
+    run_dir = str(tmp_path / "run")
+    text = compare.main([run_dir, "--fuse", f"{run_dir},{run_dir}:rerank", "--metrics", "ndcg@10"])
+    fused_row = [line for line in text.splitlines() if "(rrf)" in line]
+    assert len(fused_row) == 1
+    from retrievers.evaluation import evaluate, fuse
+
+    ev = Path(st["eval"]["dir"])
+    by_hand = fuse({"a": read_trec(ev / "runs" / "test.trec"), "b": read_trec(ev / "runs" / "test.rerank.trec")}, "rrf")
+    from conftest import TINY_TEST_QRELS
+
+    assert f"{evaluate(TINY_TEST_QRELS, by_hand, ['ndcg@10'])[0]['ndcg@10']:.4f}" in fused_row[0]
     if teacher == "cross_encoder":  # no end-to-end row in this run: the error names the file and the option
         with pytest.raises(SystemExit, match="test.colbert_e2e.trec.*colbert_e2e"):
             compare.main([f"{tmp_path / 'run'}:colbert_e2e", "--metrics", "ndcg@10"])
