@@ -72,7 +72,6 @@ def child(a) -> dict:
     """One configuration in this process: (seconds, peak RSS, recall where it applies)."""
     import faiss
 
-    sys.path.insert(0, str(REPO))
     from retrievers.faiss_index import build_index, search, search_shards
 
     faiss.omp_set_num_threads(a.threads)
