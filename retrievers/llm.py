@@ -144,8 +144,8 @@ class OpenAICompatibleLLM:
                                   f"({last}). Fix: start the server or set model.llm.base_url")
 
     def _one(self, prompt: str, n: int, seed: int) -> tuple[list[str], str | None]:
-        """``n`` texts for one prompt. Servers that ignore ``n`` (llama.cpp's, ollama, ``transformers serve``)
-        answer one choice per request: the rest are asked for again, each with its own seed."""
+        """``n`` texts for one prompt. A server that ignores ``n`` (``transformers serve`` does) answers fewer
+        choices: the rest are asked for again, each request with its own seed."""
         texts: list[str] = []
         for attempt in range(n):
             ans = self._post({**self.body, "n": n - len(texts), "seed": seed + 104729 * attempt,

@@ -221,8 +221,8 @@ def transformers_server(tiny_lm, tmp_path_factory):
 
 
 def test_openai_backend_against_a_real_server_which_ignores_n(transformers_server):
-    """transformers serve answers one choice whatever ``n`` asks (as llama.cpp's server and ollama do):
-    the backend asks again until it has ``n`` texts, each request with its own seed."""
+    """transformers serve answers one choice whatever ``n`` asks: the backend asks again until it has ``n``
+    texts, each request with its own seed."""
     url, model = transformers_server
     llm = OpenAICompatibleLLM(base_url=url, model=model, max_new_tokens=4, concurrency=2, retries=1, timeout_s=60)
     texts, errors = llm.generate(["what causes tides", "bees"], 3)
