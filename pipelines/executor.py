@@ -127,6 +127,17 @@ class Context:
                 return self.upstream[name] / "checkpoint"
         return None
 
+    def sibling_with(self, marker: str, value: str) -> Path | None:
+        """A finished, intact dir of this stage under another key whose ``marker`` file holds ``value``: the
+        costly part of its work depends on less than the whole key and is shared (the index stage's vectors
+        across index types, the expand stage's generations across query builds). Never a damaged one."""
+        for d in sorted(self.out.parent.iterdir()):
+            if d == self.out or not (d / "manifest.json").exists() or not (d / marker).exists():
+                continue
+            if (d / marker).read_text().strip() == value and not problems(d):
+                return d
+        return None
+
 
 @dataclass
 class PlanItem:

@@ -112,6 +112,31 @@ def test_lamer_chain_end_to_end_reports_next_to_bm25(tiny_lm, tmp_path):
     assert moved["expand"]["status"] == "ran" and moved["bm25"]["status"] == "cached"  # the prompt is in the key
 
 
+def test_a_new_query_build_reuses_the_generations(tiny_lm, tmp_path, caplog, monkeypatch):
+    """query_repeat moves the expand key (the query and its run change) but not what the LLM writes: the
+    second run takes the first's generations and never calls the LLM."""
+    import logging
+
+    from pipelines.runner import run_pipeline
+
+    make_tiny_beir(tmp_path / "data" / "tiny")
+    over = ["model=lamer", "data=beir", "data.name=tiny", "debug=tiny", *tiny_llm_overrides(tiny_lm),
+            "model.expand.n=2", "+runtime.progress=false"]
+    first = run_pipeline(compose(over, tmp_path), tmp_path / "run1")["stages"]["expand"]
+    monkeypatch.setattr(TransformersLLM, "generate", lambda *a, **k: pytest.fail("the LLM was called again"))
+    with caplog.at_level(logging.INFO, logger="drlab"):
+        second = run_pipeline(compose(over + ["model.expand.query_repeat=3"], tmp_path), tmp_path / "run2")
+    second = second["stages"]["expand"]
+    assert second["status"] == "ran" and second["key"] != first["key"]
+    assert f"reusing the generations of {first['key']}" in caplog.text
+    texts = [(Path(d) / "generations.jsonl").read_text() for d in (first["dir"], second["dir"])]
+    assert texts[0] == texts[1]
+    built = {json.loads(x)["_id"]: json.loads(x)["text"]
+             for x in (Path(second["dir"]) / "queries.test.jsonl").read_text().splitlines()}
+    original = dict(TINY_QUERIES)
+    assert built and all(t.startswith(" ".join([original[q]] * 3)) for q, t in built.items())
+
+
 # --------------------------------------------------------------------------- OpenAI-compatible backend
 
 

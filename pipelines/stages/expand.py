@@ -11,17 +11,21 @@ query where a generation is empty or malformed) is searched in the bm25 stage's 
 
 Reads ``data``, ``model.expand``, ``model.llm``, ``pipeline.expand``, ``pipeline.bm25``, ``seed``;
 uses ``bm25``. Writes ``generations.jsonl``, ``queries.<split>.jsonl`` (the expanded queries),
-``runs/<split>.trec``, ``expand.json`` (prompt template and LLM identity). The eval stage reports
-this run next to plain BM25.
+``runs/<split>.trec``, ``expand.json`` (prompt template and LLM identity), ``generation_key.txt``.
+The eval stage reports this run next to plain BM25. The generations depend on less than the stage's key:
+a run that differs only in ``query_repeat`` (how the query is built from them) reuses a finished
+sibling's ``generations.jsonl`` (same ``generation_key.txt``) instead of calling the LLM again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 
 from pipelines.executor import Context, Stage
+from pipelines.keys import digest
 
 log = logging.getLogger("drlab")
 
@@ -47,6 +51,14 @@ def run(ctx: Context) -> dict[str, float]:
     prompts = {q: build_prompt(m["prompt"], queries[q], demos[q], int(p["passage_chars"])) for q in queries}
     llm = instantiate(ctx.cfg.model.llm)
     log.info("[expand] %s: %d queries x %d generations with %s", m["method"], len(prompts), int(m["n"]), llm.identity)
+    gen_key = _generation_key(ctx)
+    (ctx.out / "generation_key.txt").write_text(gen_key + "\n")
+    done_before = ctx.sibling_with("generation_key.txt", gen_key)
+    if done_before is not None and not (ctx.work / "generations.jsonl").exists():
+        ctx.work.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(done_before / "generations.jsonl", ctx.work / "generations.jsonl")
+        log.info("[expand] reusing the generations of %s (same prompts, LLM and settings; only the query "
+                 "build differs)", done_before.name)
     t0 = time.perf_counter()
     gens = generate_all(llm, prompts, int(m["n"]), ctx.work / "generations.jsonl",
                         progress=bool(ctx.runtime.get("progress", True)))
@@ -73,6 +85,15 @@ def run(ctx: Context) -> dict[str, float]:
             "malformed_answers": float(len(malformed)), "generate_seconds": round(gen_s, 1),
             "seconds_per_query": round(gen_s / max(1, len(queries)), 3),
             "mean_query_words": round(sum(len(v.split()) for v in expanded.values()) / max(1, len(expanded)), 1)}
+
+
+def _generation_key(ctx: Context) -> str:
+    """What the LLM's texts depend on: everything this stage reads except how the query is built from them
+    (``query_repeat``). ``pipeline.bm25`` enters through the bm25 stage's key (it made the demonstrations)."""
+    expand = {k: v for k, v in ctx.inputs["model.expand"].items() if k != "query_repeat"}
+    return digest({"data": ctx.inputs["data"], "expand": expand, "llm": ctx.inputs["model.llm"],
+                   "pipeline": ctx.inputs["pipeline.expand"], "seed": ctx.inputs["seed"],
+                   "bm25": ctx.upstream["bm25"].name}, n=16)
 
 
 STAGE = Stage(name="expand", version="1",

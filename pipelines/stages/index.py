@@ -23,7 +23,6 @@ from typing import Any
 
 from pipelines.executor import Context, Stage, dist_state, newest_checkpoint
 from pipelines.keys import digest
-from pipelines.manifest import problems
 from retrievers.embeddings import (
     encode_corpus,
     human_bytes,
@@ -60,21 +59,18 @@ def _embedding_key(ctx: Context, bf16: bool) -> str:
 
 def _reuse_sibling_embeddings(ctx: Context, key: str) -> Path | None:
     """Hard-link the embedding shards of a finished sibling index dir with the same embedding key."""
+    d = ctx.sibling_with("embedding_key.txt", key)
+    if d is None:
+        return None
     emb_dir = ctx.work / "embeddings"
-    for d in sorted(ctx.out.parent.iterdir()):
-        if d == ctx.out or not (d / "manifest.json").exists() or not (d / "embedding_key.txt").exists():
-            continue
-        if (d / "embedding_key.txt").read_text().strip() != key or problems(d):  # never link damaged vectors
-            continue
-        src = d / "embeddings"
-        meta = json.loads((src / "meta.json").read_text())
-        emb_dir.mkdir(parents=True, exist_ok=True)
-        for s in meta["shards"]:
-            link_or_copy(src / s, emb_dir / s)
-            link_or_copy(src / s.replace(".npy", ".json"), emb_dir / s.replace(".npy", ".json"))
-        log.info("[index] reusing the embeddings of %s (same encoder, checkpoint, data and storage layout)", d)
-        return d
-    return None
+    src = d / "embeddings"
+    meta = json.loads((src / "meta.json").read_text())
+    emb_dir.mkdir(parents=True, exist_ok=True)
+    for s in meta["shards"]:
+        link_or_copy(src / s, emb_dir / s)
+        link_or_copy(src / s.replace(".npy", ".json"), emb_dir / s.replace(".npy", ".json"))
+    log.info("[index] reusing the embeddings of %s (same encoder, checkpoint, data and storage layout)", d)
+    return d
 
 
 def _encoder_record(ctx: Context, ckpt: Path | None, encoder, bf16: bool) -> dict[str, Any]:
