@@ -53,23 +53,29 @@ def test_the_slurm_launcher_runs_one_task_per_gpu_with_the_sites_settings(tmp_pa
     assert OmegaConf.select(cfg, "hydra.launcher.nodes") == 4
 
 
-def test_inside_a_multi_task_submitit_job_each_task_gets_torchruns_variables(monkeypatch):
+def test_inside_a_multi_task_submitit_job_each_task_gets_torchruns_variables():
+    """The export writes os.environ directly (not through monkeypatch, whose undo would put the exported
+    WORLD_SIZE back and make every later run in this process wait for 8 ranks): restore it by hand."""
     from pipelines.runner import export_submitit_ranks
 
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
-    for k, v in {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1",
-                 "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[01-02]"}.items():
-        monkeypatch.setenv(k, v)
-    export_submitit_ranks()
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "8", "1")
-    assert os.environ["MASTER_ADDR"] == "gpu01" and int(os.environ["MASTER_PORT"]) > 0
-    # a plain run (no submitit) is left alone
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SUBMITIT_EXECUTOR"):
-        monkeypatch.delenv(k, raising=False)
-    export_submitit_ranks()
-    assert "WORLD_SIZE" not in os.environ
+    saved = dict(os.environ)
+    try:
+        for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(k, None)
+        os.environ.update({"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "8",
+                           "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
+                           "SLURM_JOB_NODELIST": "gpu[01-02]"})
+        export_submitit_ranks()
+        assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "8", "1")
+        assert os.environ["MASTER_ADDR"] == "gpu01" and int(os.environ["MASTER_PORT"]) > 0
+        for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SUBMITIT_EXECUTOR"):  # a plain run is left alone
+            os.environ.pop(k)
+        export_submitit_ranks()
+        assert "WORLD_SIZE" not in os.environ
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert "WORLD_SIZE" not in os.environ or os.environ["WORLD_SIZE"] == saved.get("WORLD_SIZE")
 
 
 def test_launcher_configs_are_documented():
