@@ -75,13 +75,18 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_mb() -> float | None:
-    """The process's peak resident set size (VmHWM) in MiB, None off Linux."""
+def status_mb(field: str) -> float | None:
+    """A memory line of ``/proc/self/status`` (VmHWM, VmRSS, RssAnon, ...) in MiB, None off Linux."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         return None
     return None
+
+
+def peak_rss_mb() -> float | None:
+    """The process's peak resident set size (VmHWM) in MiB, None off Linux."""
+    return status_mb("VmHWM")

@@ -42,12 +42,6 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ("flat", "flat-sharded", "ivfpq", "mine")
 
 
-def _vm_mb(field: str) -> float:
-    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in MiB."""
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) / 1024 for line in fh if line.startswith(field + ":"))
-
-
 def make_data(root: Path, n: int, dim: int, n_queries: int, shard_size: int, seed: int = 0) -> dict:
     """fp16 shards of ``n`` unit vectors around random centres, and float32 queries near some of them."""
     meta_path = root / "meta.json"
@@ -76,7 +70,7 @@ def child(a) -> dict:
     """One configuration in this process: (seconds, peak RSS, recall where it applies)."""
     import faiss
 
-    from pipelines.provenance import reset_peak_rss
+    from pipelines.provenance import reset_peak_rss, status_mb
     from retrievers.faiss_index import build_index, search, search_shards
 
     faiss.omp_set_num_threads(a.threads)
@@ -86,13 +80,13 @@ def child(a) -> dict:
     q = np.load(root / "queries.npy")
     out: dict = {"config": a.config}
     reset_peak_rss()  # the peak from here on: what this configuration adds to a process that has imported faiss
-    before, anon_before = _vm_mb("VmRSS"), _vm_mb("RssAnon")
+    before, anon_before = status_mb("VmRSS"), status_mb("RssAnon")
     anon_peak = [anon_before]
     stop = threading.Event()
 
     def sample() -> None:  # RssAnon has no high-water mark: sample it
         while not stop.wait(0.02):
-            anon_peak[0] = max(anon_peak[0], _vm_mb("RssAnon"))
+            anon_peak[0] = max(anon_peak[0], status_mb("RssAnon"))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -130,9 +124,9 @@ def child(a) -> dict:
     out["seconds"] = time.perf_counter() - t0
     stop.set()
     sampler.join()
-    out["peak_rss_mb"] = _vm_mb("VmHWM")
+    out["peak_rss_mb"] = status_mb("VmHWM")
     out["excess_rss_mb"] = round(out["peak_rss_mb"] - before, 1)  # incl. the mapped shards' page cache
-    out["excess_anon_mb"] = round(max(anon_peak[0], _vm_mb("RssAnon")) - anon_before, 1)  # what must fit in RAM
+    out["excess_anon_mb"] = round(max(anon_peak[0], status_mb("RssAnon")) - anon_before, 1)  # what must fit in RAM
     return out
 
 
