@@ -8,6 +8,7 @@ does not depend on the machine:
 * ``data.path`` is replaced by a content fingerprint of the dataset's files, and
   ``data.url`` (where the files came from, not what they hold) is dropped; the same holds for a
   read part of ``data`` with a ``path`` of its own (``data.text``: the sentences STS pre-training reads);
+* ``precision`` (``auto``) is replaced by what it means on this hardware, ``fp32`` or ``bf16``;
 * every key named in :data:`MACHINE_KEYS` (``local_dirs``: model id -> directory on this
   machine) is dropped wherever it appears.
 
@@ -120,6 +121,10 @@ def hashed_value(cfg: DictConfig, dotted: str) -> Any:
         path = value.pop("path", None)
         if path is not None:
             value["fingerprint"] = data_fingerprint(path)
+    elif dotted == "precision":  # auto -> what this hardware will use (retrievers/precision.py)
+        from retrievers.precision import planned
+
+        value = planned(str(value), str(OmegaConf.select(cfg, "runtime.device", default="auto")))
     elif dotted.startswith("data.") and dotted.split(".")[-1] in ("path", "url"):
         raise ConfigError(f"a stage may not read '{dotted}' on its own (a machine path); read its parent node")
     return value

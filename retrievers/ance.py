@@ -89,7 +89,8 @@ def build(
 
 def refresher_for(ds, split: str, encoder, mine_cfg: dict, seed: int, runtime: dict, *, every: int, work: Path,
                   initial_pool: dict[str, list[str]], mine_run: Path, encoder_cfg: dict, checkpoint: Path | None,
-                  mode: str, device: str | None, max_lag: int | None, doc_max_len: int) -> "AnnRefresher":
+                  mode: str, device: str | None, max_lag: int | None, doc_max_len: int,
+                  precision: str = "fp32") -> "AnnRefresher":
     """The :class:`AnnRefresher` of the retriever2 stage: mines like the mine stage (``mine_cfg``).
 
     ``mine_run``: the mine stage's train run; the first refresh reports how many of its candidates
@@ -101,7 +102,7 @@ def refresher_for(ds, split: str, encoder, mine_cfg: dict, seed: int, runtime: d
     from retrievers.mining import miner_from_config, window_sets
 
     miner = miner_from_config(ds, split, encoder, mine_cfg, seed, runtime,
-                              doc_max_len=mine_cfg["doc_max_len"] or doc_max_len)
+                              doc_max_len=mine_cfg["doc_max_len"] or doc_max_len, precision=precision)
     if Path(mine_run).exists():
         ranked = {q: trec_order(d) for q, d in read_trec(mine_run).items() if q in miner.positives}
         miner.prev_window = window_sets(ranked, miner.positives, miner.window)

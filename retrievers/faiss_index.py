@@ -317,11 +317,12 @@ def load_recorded_encoder(index_dir: Path, encoder_cfg):
 
 
 def dense_search(index_dir: Path, encoder_cfg, queries: dict[str, str], depth: int, *, device: str,
-                 threads: int, encode_batch_size: int, bf16: bool) -> tuple[dict[str, dict[str, float]], str]:
+                 threads: int, encode_batch_size: int) -> tuple[dict[str, dict[str, float]], str]:
     """Dense run ``{qid: {docid: score}}`` (top ``depth``) for ``queries`` from a finished index dir.
 
     The index parameters come from the files the index stage wrote (``index_params.json``,
-    ``encoder.json``). Queries are encoded in batches and searched ``search_batch_size`` at a
+    ``encoder.json``; queries are encoded in the precision the documents were, ``encoder.json``'s
+    ``bf16``). Queries are encoded in batches and searched ``search_batch_size`` at a
     time. Returns the run and a Markdown section (index type, size, vectors, timings).
     """
     import faiss
@@ -337,7 +338,7 @@ def dense_search(index_dir: Path, encoder_cfg, queries: dict[str, str], depth: i
     qids = list(queries)
     t0 = time.perf_counter()
     q = encoder.encode([queries[x] for x in qids], "query", batch_size=int(encode_batch_size), device=device,
-                       bf16=bool(bf16), progress=len(qids) > 1000)
+                       bf16=bool(rec.get("bf16")), progress=len(qids) > 1000)
     q_seconds = time.perf_counter() - t0
     del encoder
     if params.get("cosine") and not rec["knobs"].get("normalize"):

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from retrievers.errors import ConfigError
+from retrievers.precision import choose, precision_metrics
 
 log = logging.getLogger("drlab")
 
@@ -189,7 +190,7 @@ class DenseMiner:
     doc_max_len: int | None = None
     shard_size: int = 100000
     device: str = "cpu"
-    bf16: bool = False
+    precision: str = "fp32"  # auto | fp32 | bf16 (retrievers.precision; auto is checked at every search)
     progress: bool = True
     teacher_scores: str | None = None
     fn_margin: float = 0.0
@@ -213,14 +214,17 @@ class DenseMiner:
         cos_unnorm = encoder.cfg["similarity"] == "cos" and not encoder.cfg["normalize"]
         t0 = time.perf_counter()
         try:
+            bf16, prec = choose(self.precision, encoder, self.doc_texts, "doc", device=device,
+                                batch_size=self.encode_batch_size, who="mine")
+            self.last_stats.update(precision_metrics(prec))
             enc = encode_corpus(
                 encoder, self.doc_texts, self.doc_ids, work_dir, shard_size=self.shard_size, dtype="float16",
-                batch_size=self.encode_batch_size, device=device, bf16=self.bf16, progress=self.progress,
+                batch_size=self.encode_batch_size, device=device, bf16=bf16, progress=self.progress,
                 unit_norm=cos_unnorm,
             )
             qids = sorted(self.queries)
             q = encoder.encode([self.queries[x] for x in qids], "query", batch_size=self.encode_batch_size,
-                               device=device, bf16=self.bf16, progress=self.progress and len(qids) > 1000)
+                               device=device, bf16=bf16, progress=self.progress and len(qids) > 1000)
         finally:
             encoder.cfg["doc_max_len"] = saved
             encoder.train(was_training)
@@ -263,7 +267,8 @@ class DenseMiner:
         return ranked, negs, dict(self.last_stats)
 
 
-def miner_from_config(ds, split: str, encoder, p: dict, seed: int, runtime: dict, doc_max_len=None) -> DenseMiner:
+def miner_from_config(ds, split: str, encoder, p: dict, seed: int, runtime: dict, doc_max_len=None,
+                      precision: str = "fp32") -> DenseMiner:
     """A :class:`DenseMiner` over ``ds``'s corpus and ``split``'s train queries, from ``pipeline.mine``."""
     from retrievers.encoder import resolve_device
 
@@ -284,7 +289,7 @@ def miner_from_config(ds, split: str, encoder, p: dict, seed: int, runtime: dict
         encode_batch_size=int(runtime["encode_batch_size"]),
         doc_max_len=doc_max_len if doc_max_len is not None else p["doc_max_len"],
         device=str(resolve_device(str(runtime["device"]))),
-        bf16=bool(runtime["bf16"]),
+        precision=str(precision),
         progress=bool(runtime.get("progress", True)),
         teacher_scores=p["teacher_scores"],
         fn_margin=float(p["fn_margin"]),

@@ -68,11 +68,18 @@ def test_machine_paths_never_enter_a_key(tmp_path, data):
 
 
 def test_runtime_and_unrelated_sections_keep_every_key(tmp_path, data):
-    base = keys_for(["model=ance"], tmp_path)
-    other = keys_for(["model=ance", "runtime.threads=7", "runtime.device=cuda:1", "runtime.encode_batch_size=9",
-                      "pipeline.rerank.lr=3e-4", "pipeline.distill.epochs=9", "name=something", "logger=wandb"],
-                     tmp_path)
+    # precision=fp32: with precision=auto the device decides fp32 or bf16, which the keys hash (test_precision.py)
+    base = keys_for(["model=ance", "precision=fp32"], tmp_path)
+    other = keys_for(["model=ance", "precision=fp32", "runtime.threads=7", "runtime.device=cuda:1",
+                      "runtime.encode_batch_size=9", "pipeline.rerank.lr=3e-4", "pipeline.distill.epochs=9",
+                      "name=something", "logger=wandb"], tmp_path)
     assert other == base
+
+
+def test_precision_moves_only_the_stages_that_encode(tmp_path, data):
+    base = keys_for(["model=ance", "precision=fp32"], tmp_path)
+    bf16 = keys_for(["model=ance", "precision=bf16"], tmp_path)
+    assert moved(base, bf16) == {"mine", "retriever2", "index", "eval"}  # retriever2: its ANN refresh encodes
 
 
 def test_pretraining_option_moves_only_pretrain_and_what_follows(tmp_path, data):

@@ -65,7 +65,7 @@ def uses(cfg, before: list[str]) -> tuple[str, ...]:
 
 def reads(cfg, before: list[str]) -> tuple[str, ...]:
     if task_of(cfg) == "sts":
-        return "data", "model.name", "model.encoder"
+        return "data", "model.name", "model.encoder", "precision"
     used = uses(cfg, before)
     return (("data", "model.name", "pipeline.eval") + (("model.encoder",) if "index" in used else ())
             + (("model.teacher",) if "rerank" in used else ()))
@@ -90,7 +90,7 @@ def run(ctx: Context) -> dict[str, float]:
 
         systems[ctx.cfg.model.name], extra_md = dense_search(
             ctx.upstream["index"], ctx.cfg.model.encoder, ds.split_queries(split), int(p.depth), device=str(rt.device),
-            threads=int(rt.threads), encode_batch_size=int(rt.encode_batch_size), bf16=bool(rt.bf16))
+            threads=int(rt.threads), encode_batch_size=int(rt.encode_batch_size))
     if "expand" in ctx.upstream:
         systems[f"bm25+{ctx.cfg.model.name}"] = read_trec(ctx.upstream["expand"] / "runs" / f"{split}.trec")
     if "bm25" in ctx.upstream:
@@ -191,16 +191,20 @@ def run(ctx: Context) -> dict[str, float]:
 def run_sts(ctx: Context, data: dict) -> dict[str, float]:
     """Sentence pairs: Spearman / Pearson of the cosine with the gold scores (:mod:`retrievers.sts`)."""
     from retrievers.encoder import instantiate_encoder, resolve_device
-    from retrievers.sts import evaluate_sts, flat_metrics, markdown, plot
+    from retrievers.precision import choose, precision_metrics
+    from retrievers.sts import evaluate_sts, flat_metrics, markdown, plot, read_pairs, set_file
 
     rt = ctx.runtime
     ckpt = ctx.checkpoint()
     encoder = instantiate_encoder(ctx.cfg.model.encoder, checkpoint=ckpt)
     device = resolve_device(str(rt.device))
     encoder.to(device)
-    results = evaluate_sts(encoder, data, batch_size=int(rt.encode_batch_size), device=device, bf16=bool(rt.bf16),
+    a, b, _ = read_pairs(set_file(data, data["sets"][0], data["eval_split"]))  # the check's sample
+    bf16, prec = choose(str(ctx.get("precision")), encoder, a + b, "query", device=device,
+                        batch_size=int(rt.encode_batch_size), who="eval")
+    results = evaluate_sts(encoder, data, batch_size=int(rt.encode_batch_size), device=device, bf16=bf16,
                            progress=bool(rt.get("progress", True)))
-    out = flat_metrics(results, data["eval_split"])
+    out = {**flat_metrics(results, data["eval_split"]), **precision_metrics(prec)}
     save_json(out, ctx.out / "metrics.json")
     save_json({n: {"cosine": r["cosine"].tolist(), "gold": r["gold"].tolist()} for n, r in results.items()},
               ctx.out / "per_pair.json")

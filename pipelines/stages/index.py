@@ -6,7 +6,8 @@ into resumable fp16 shards (:func:`retrievers.embeddings.encode_corpus`; rank-sh
 torchrun), then indexed (:func:`retrievers.faiss_index.build_index`: ``index.factory``, Flat /
 HNSW / IVF-PQ, GPU when present).
 
-Reads ``data``, ``model.encoder``, ``index``, ``pipeline.index``. Uses the newest checkpoint.
+Reads ``data``, ``model.encoder``, ``index``, ``pipeline.index``, ``precision`` (bf16 or fp32 encoding,
+:mod:`retrievers.precision`; the choice and its check are in ``encoder.json`` and the metrics). Uses the newest checkpoint.
 Writes ``index.faiss``, ``doc_ids.txt``, ``embeddings/shard_NNN.npy`` + ``meta.json``,
 ``encoder.json`` (which checkpoint or model id encoded the corpus), ``index_params.json`` (what
 the eval stage's search needs) and ``index_stats.json`` (size, build and encode seconds, docs/s).
@@ -33,6 +34,7 @@ from retrievers.embeddings import (
     write_json,
 )
 from retrievers.faiss_index import build_index, index_type, set_threads
+from retrievers.precision import choose, precision_metrics
 
 log = logging.getLogger("drlab")
 
@@ -106,7 +108,6 @@ def run(ctx: Context) -> dict[str, float]:
     rank, world, dist = dist_state()
     set_threads(int(rt.threads))
     device = resolve_device(str(rt.device))
-    bf16 = bool(rt.bf16)
 
     ds = load_dataset(data, [data["eval_split"]])
     doc_ids = list(ds.corpus)
@@ -115,7 +116,10 @@ def run(ctx: Context) -> dict[str, float]:
     encoder.to(device)
     texts = encoder.doc_texts([ds.corpus[d] for d in doc_ids])
     del ds
+    bf16, prec = choose(str(ctx.get("precision")), encoder, texts, "doc", device=device,
+                        batch_size=int(rt.encode_batch_size), who="index")
     rec = _encoder_record(ctx, ckpt, encoder, bf16)
+    rec.update(prec)
     # cosine similarity from an encoder that does not normalise: store and index unit vectors
     # (dense_search normalises the queries too)
     cosine_unnormalized = encoder.cfg["similarity"] == "cos" and not encoder.cfg["normalize"]
@@ -204,6 +208,7 @@ def run(ctx: Context) -> dict[str, float]:
         "docs_per_s": round(enc["encoded"] / enc_s, 2) if enc_s > 0 and enc["encoded"] else None,
         "device": str(device),
         "bf16": bf16,
+        **prec,
         "encode_batch_size": int(rt.encode_batch_size),
         "threads": int(rt.threads),
         "world_size": world,
@@ -219,10 +224,11 @@ def run(ctx: Context) -> dict[str, float]:
     metrics = {"docs": float(len(doc_ids)), "index_mb": round(size / 1e6, 3), "build_s": round(build_seconds, 3)}
     if stats["docs_per_s"]:
         metrics["docs_per_s"] = float(stats["docs_per_s"])
+    metrics.update(precision_metrics(prec))
     return metrics
 
 
 STAGE = Stage(
-    name="index", version="1", reads=("data", "model.encoder", "index", "pipeline.index"), run=run,
+    name="index", version="1", reads=("data", "model.encoder", "index", "pipeline.index", "precision"), run=run,
     uses=lambda cfg, before: newest_checkpoint(before), distributed=True,
 )

@@ -43,7 +43,7 @@ def uses(cfg, before: list[str]) -> tuple[str, ...]:
 
 def reads(cfg, before: list[str]) -> tuple[str, ...]:
     base = ("data", "pipeline.mine", "seed")
-    return base if source_of(cfg, before) == "bm25" else base + ("model.encoder",)
+    return base if source_of(cfg, before) == "bm25" else base + ("model.encoder", "precision")
 
 
 def run(ctx: Context) -> dict[str, float]:
@@ -87,7 +87,8 @@ def run(ctx: Context) -> dict[str, float]:
     else:
         encoder = instantiate_encoder(ctx.cfg.model.encoder, checkpoint=ckpt)
         rss0 = peak_rss_mb()  # the model's own memory is not the miner's
-        miner = miner_from_config(ds, split, encoder, p, int(ctx.cfg.seed), ctx.get("runtime"))
+        miner = miner_from_config(ds, split, encoder, p, int(ctx.cfg.seed), ctx.get("runtime"),
+                                  precision=str(ctx.get("precision")))
         positives = miner.positives
         log.info(
             "[mine] %d train queries x %d docs, depth %d, window %s, %s per query, encoder %s",

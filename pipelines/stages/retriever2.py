@@ -27,7 +27,7 @@ from retrievers.errors import ConfigError
 
 def reads(cfg, before: list[str]) -> tuple[str, ...]:
     base = ("data", "model.encoder", "pipeline.retriever2", "seed")
-    return base + (("pipeline.mine",) if int(cfg.pipeline.retriever2.refresh_every or 0) > 0 else ())
+    return base + (("pipeline.mine", "precision") if int(cfg.pipeline.retriever2.refresh_every or 0) > 0 else ())
 
 
 def uses(cfg, before: list[str]) -> tuple[str, ...]:
@@ -69,6 +69,7 @@ def run(ctx: Context) -> dict[str, float]:
                 work=ctx.work, initial_pool=mined, mine_run=ctx.upstream["mine"] / "runs" / f"{split}.trec",
                 encoder_cfg=ctx.get("model.encoder"), checkpoint=ctx.checkpoint(), mode=p["refresh_mode"],
                 device=p["refresh_device"], max_lag=p["refresh_max_lag"], doc_max_len=index_doc_len,
+                precision=str(ctx.get("precision")),
             )
         stats = {"n_negatives": n_neg, "bm25_negatives": n_bm25, "mined_from": neg_file.parent.name,
                  "refresh_every": every, "refresh_mode": p["refresh_mode"]}
