@@ -64,6 +64,10 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, skip: int = 0) 
 
 
 class BiEncoder(nn.Module):
+    #: how :meth:`encode` runs the tower: ``torch``, or ``openvino`` on the CPU (the inference stages set it
+    #: from the ``backend`` config node: :mod:`retrievers.openvino_backend`)
+    backend: str = "torch"
+
     def __init__(
         self,
         query_model: nn.Module,
@@ -117,10 +121,12 @@ class BiEncoder(nn.Module):
             [prefix + t for t in texts], padding=True, truncation=True, max_length=max_len, return_tensors="pt"
         )
 
-    def embed(self, batch: dict[str, torch.Tensor], side: str) -> torch.Tensor:
-        """Embeddings of a tokenized batch (with gradients when training)."""
-        out = self.tower(side)(**batch, return_dict=True)
-        emb = pool(out.last_hidden_state, batch["attention_mask"], self.cfg["pooling"], self.cfg["skip_prefix_tokens"])
+    def embed(self, batch: dict[str, torch.Tensor], side: str, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings of a tokenized batch (with gradients when training); ``hidden``: the tower's
+        last hidden state when another backend computed it."""
+        if hidden is None:
+            hidden = self.tower(side)(**batch, return_dict=True).last_hidden_state
+        emb = pool(hidden, batch["attention_mask"], self.cfg["pooling"], self.cfg["skip_prefix_tokens"])
         if self.head is not None:
             emb = self.head(emb)
         if self.cfg["normalize"]:
@@ -151,7 +157,8 @@ class BiEncoder(nn.Module):
         """Encode ``texts`` in length-sorted batches; returns float32 [N, dim] in input order.
 
         Texts are tokenized once without padding and sorted by token count, so each
-        batch pads only to its own longest member. ``max_tokens`` (optional) caps
+        batch pads only to its own longest member (``self.padding`` counts, over all calls, the real
+        tokens and the tokens computed, sorted and as batches in input order would have been). ``max_tokens`` (optional) caps
         batch_size x longest length, giving larger batches of short texts.
         """
         from tqdm.auto import tqdm
@@ -171,17 +178,33 @@ class BiEncoder(nn.Module):
                 n = max(1, min(batch_size * 8, max_tokens // max(1, len(ids[order[i]]))))
             batches.append(order[i : i + n])
             i += n
+        lens = [len(x) for x in ids]
+        pad = self.__dict__.setdefault("padding", {"tokens": 0, "padded": 0, "padded_unsorted": 0})
+        pad["tokens"] += sum(lens)  # what length-sorting saves: padded tokens against batches in input order
+        pad["padded"] += sum(len(b) * lens[b[0]] for b in batches)
+        pad["padded_unsorted"] += sum(len(c) * max(c) for c in (lens[i : i + batch_size]
+                                                                 for i in range(0, len(lens), batch_size)))
         dim = None
         out: np.ndarray | None = None
         dev = torch.device(device)
         use_bf16 = bf16 and dev.type in ("cuda", "cpu")
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+        ov_run = None
+        if self.backend == "openvino" and dev.type == "cpu" and len(order):
+            from retrievers.openvino_backend import compiled_tower
+
+            example = self.tokenizer.pad({k: [enc[k][j] for j in order[-2:]] for k in keys}, return_tensors="pt")
+            ov_run = compiled_tower(self.tower(side), self.__dict__.setdefault("_ov_cache", {}), tuple(keys),
+                                    use_bf16, dict(example))
         bar = tqdm(total=len(texts), desc=f"encode {side} texts", unit="txt", disable=not progress, mininterval=2)
         for b in batches:
             feats = self.tokenizer.pad({k: [enc[k][j] for j in b] for k in keys}, return_tensors="pt")
             feats = {k: v.to(dev) for k, v in feats.items()}
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                emb = self.embed(feats, side)
+            if ov_run is not None:  # bf16 is OpenVINO's precision hint; the rest runs in fp32
+                emb = self.embed(feats, side, hidden=ov_run(feats))
+            else:
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    emb = self.embed(feats, side)
             emb = emb.float().cpu().numpy()
             if out is None:
                 dim = emb.shape[1]

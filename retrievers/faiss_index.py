@@ -321,8 +321,8 @@ def dense_search(index_dir: Path, encoder_cfg, queries: dict[str, str], depth: i
     """Dense run ``{qid: {docid: score}}`` (top ``depth``) for ``queries`` from a finished index dir.
 
     The index parameters come from the files the index stage wrote (``index_params.json``,
-    ``encoder.json``; queries are encoded in the precision the documents were, ``encoder.json``'s
-    ``bf16``). Queries are encoded in batches and searched ``search_batch_size`` at a
+    ``encoder.json``; queries are encoded in the precision and by the backend the documents were,
+    ``encoder.json``'s ``bf16`` and ``backend``). Queries are encoded in batches and searched ``search_batch_size`` at a
     time. Returns the run and a Markdown section (index type, size, vectors, timings).
     """
     import faiss
@@ -335,6 +335,7 @@ def dense_search(index_dir: Path, encoder_cfg, queries: dict[str, str], depth: i
     encoder, rec = load_recorded_encoder(index_dir, encoder_cfg)
     device = resolve_device(str(device))
     encoder.to(device)
+    encoder.backend = rec.get("backend", "torch")  # as the documents were encoded
     qids = list(queries)
     t0 = time.perf_counter()
     q = encoder.encode([queries[x] for x in qids], "query", batch_size=int(encode_batch_size), device=device,

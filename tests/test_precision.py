@@ -112,9 +112,70 @@ def test_index_and_eval_record_and_share_the_precision(tmp_path, bf16_cpu):
     manifest = json.loads((d1 / "manifest.json").read_text())
     assert manifest["reads"]["precision"] == "bf16"
     assert manifest["metrics"]["bf16"] == float(rec["bf16"]) and "bf16_check_min_cosine" in manifest["metrics"]
+    stats = json.loads((d1 / "index_stats.json").read_text())
+    assert stats["precision"] == rec["precision"] and stats["backend"] == rec["backend"]
+    pad = stats["padding"]
+    assert pad["tokens"] <= pad["padded"] <= pad["padded_unsorted"] and 0 <= pad["saved"] < 1
 
     s2 = run_pipeline(index_compose(tmp_path, model, "precision=fp32"), tmp_path / "r2")
     d2 = Path(s2["stages"]["index"]["dir"])
     assert d2 != d1 and s2["stages"]["index"]["status"] == "ran"
     rec2 = json.loads((d2 / "encoder.json").read_text())
     assert rec2["precision"] == "fp32" and not rec2["bf16"] and "bf16_check_min_cosine" not in rec2
+    from retrievers.openvino_backend import available
+
+    assert rec["backend"] == rec2["backend"] == ("openvino" if available() else "torch")
+    s3 = run_pipeline(index_compose(tmp_path, model, "precision=fp32", "backend=torch"), tmp_path / "r3")
+    rec3 = json.loads((Path(s3["stages"]["index"]["dir"]) / "encoder.json").read_text())
+    assert rec3["backend"] == "torch"
+    assert s3["metrics"]["test/ndcg@10"] == pytest.approx(s2["metrics"]["test/ndcg@10"], abs=1e-6)
+
+
+# --------------------------------------------------------------------------- the OpenVINO backend
+
+def test_backend_plan_follows_the_package_and_device(monkeypatch):
+    from retrievers import openvino_backend as OV
+
+    monkeypatch.setattr(OV, "available", lambda: True)
+    assert OV.planned("auto", "cpu") == "openvino" and OV.planned("torch", "cpu") == "torch"
+    monkeypatch.setattr(OV, "available", lambda: False)
+    assert OV.planned("auto", "cpu") == "torch"
+    with pytest.raises(ConfigError, match="backend=openvino needs .*pip install openvino"):
+        OV.planned("openvino", "cpu")
+    with pytest.raises(ConfigError, match="backend 'onnx' unknown"):
+        OV.planned("onnx", "cpu")
+
+
+def test_openvino_encodes_like_torch_and_recompiles_after_a_weight_update(tmp_path):
+    pytest.importorskip("openvino")
+    import torch
+
+    from conftest import TINY_DOCS, make_tiny_bert
+    from retrievers.encoder import build_biencoder
+
+    texts = [f"{t} {x}" for _, t, x in TINY_DOCS]
+    enc = build_biencoder(str(make_tiny_bert(tmp_path / "m", texts)), pooling="mean", normalize=True)
+    ref = enc.encode(texts, "doc", progress=False)
+    enc.backend = "openvino"
+    np.testing.assert_allclose(enc.encode(texts, "doc", progress=False), ref, atol=1e-5)
+    bf16 = enc.encode(texts, "doc", progress=False, bf16=True)
+    assert P.cosine_rows(bf16, ref).min() > 0.999 and np.abs(bf16 - ref).max() > 0  # bf16 is its own program
+    with torch.no_grad():  # what an optimiser step does: the compiled copy must not be reused
+        for p in enc.query_model.parameters():
+            p.mul_(1.05)
+    moved = enc.encode(texts, "doc", progress=False)
+    enc.backend = "torch"
+    np.testing.assert_allclose(moved, enc.encode(texts, "doc", progress=False), atol=1e-5)
+    assert np.abs(moved - ref).max() > 1e-4
+
+
+def test_encode_counts_the_padding_length_sorting_saves(tmp_path):
+    from conftest import TINY_DOCS, make_tiny_bert
+    from retrievers.encoder import build_biencoder
+
+    texts = ["a", "b c d e f g h", "i", "j k l m n o p q r"]  # long and short alternate
+    words = [w for t in texts for w in t.split()] + [f"{t} {x}" for _, t, x in TINY_DOCS]
+    enc = build_biencoder(str(make_tiny_bert(tmp_path / "m", words)), pooling="mean")
+    enc.encode(texts, "doc", batch_size=2, progress=False)
+    lens = [3, 9, 3, 11]  # [CLS] + words + [SEP]
+    assert enc.padding == {"tokens": sum(lens), "padded": 2 * 11 + 2 * 3, "padded_unsorted": 2 * 9 + 2 * 11}

@@ -65,7 +65,7 @@ def uses(cfg, before: list[str]) -> tuple[str, ...]:
 
 def reads(cfg, before: list[str]) -> tuple[str, ...]:
     if task_of(cfg) == "sts":
-        return "data", "model.name", "model.encoder", "precision"
+        return "data", "model.name", "model.encoder", "precision", "backend"
     used = uses(cfg, before)
     return (("data", "model.name", "pipeline.eval") + (("model.encoder",) if "index" in used else ())
             + (("model.teacher",) if "rerank" in used else ()))
@@ -191,6 +191,7 @@ def run(ctx: Context) -> dict[str, float]:
 def run_sts(ctx: Context, data: dict) -> dict[str, float]:
     """Sentence pairs: Spearman / Pearson of the cosine with the gold scores (:mod:`retrievers.sts`)."""
     from retrievers.encoder import instantiate_encoder, resolve_device
+    from retrievers.openvino_backend import planned as planned_backend
     from retrievers.precision import choose, precision_metrics
     from retrievers.sts import evaluate_sts, flat_metrics, markdown, plot, read_pairs, set_file
 
@@ -199,6 +200,7 @@ def run_sts(ctx: Context, data: dict) -> dict[str, float]:
     encoder = instantiate_encoder(ctx.cfg.model.encoder, checkpoint=ckpt)
     device = resolve_device(str(rt.device))
     encoder.to(device)
+    encoder.backend = planned_backend(str(ctx.get("backend")), str(device))
     a, b, _ = read_pairs(set_file(data, data["sets"][0], data["eval_split"]))  # the check's sample
     bf16, prec = choose(str(ctx.get("precision")), encoder, a + b, "query", device=device,
                         batch_size=int(rt.encode_batch_size), who="eval")

@@ -7,7 +7,8 @@ torchrun), then indexed (:func:`retrievers.faiss_index.build_index`: ``index.fac
 HNSW / IVF-PQ, GPU when present).
 
 Reads ``data``, ``model.encoder``, ``index``, ``pipeline.index``, ``precision`` (bf16 or fp32 encoding,
-:mod:`retrievers.precision`; the choice and its check are in ``encoder.json`` and the metrics). Uses the newest checkpoint.
+:mod:`retrievers.precision`; the choice and its check are in ``encoder.json`` and the metrics) and
+``backend`` (torch or OpenVINO, :mod:`retrievers.openvino_backend`). Uses the newest checkpoint.
 Writes ``index.faiss``, ``doc_ids.txt``, ``embeddings/shard_NNN.npy`` + ``meta.json``,
 ``encoder.json`` (which checkpoint or model id encoded the corpus), ``index_params.json`` (what
 the eval stage's search needs) and ``index_stats.json`` (size, build and encode seconds, docs/s).
@@ -34,6 +35,7 @@ from retrievers.embeddings import (
     write_json,
 )
 from retrievers.faiss_index import build_index, index_type, set_threads
+from retrievers.openvino_backend import planned as planned_backend
 from retrievers.precision import choose, precision_metrics
 
 log = logging.getLogger("drlab")
@@ -114,12 +116,13 @@ def run(ctx: Context) -> dict[str, float]:
     ckpt = ctx.checkpoint()
     encoder = instantiate_encoder(ctx.cfg.model.encoder, checkpoint=ckpt)
     encoder.to(device)
+    encoder.backend = planned_backend(str(ctx.get("backend")), str(device))
     texts = encoder.doc_texts([ds.corpus[d] for d in doc_ids])
     del ds
     bf16, prec = choose(str(ctx.get("precision")), encoder, texts, "doc", device=device,
                         batch_size=int(rt.encode_batch_size), who="index")
     rec = _encoder_record(ctx, ckpt, encoder, bf16)
-    rec.update(prec)
+    rec.update(prec, backend=encoder.backend)
     # cosine similarity from an encoder that does not normalise: store and index unit vectors
     # (dense_search normalises the queries too)
     cosine_unnormalized = encoder.cfg["similarity"] == "cos" and not encoder.cfg["normalize"]
@@ -149,6 +152,7 @@ def run(ctx: Context) -> dict[str, float]:
         max_tokens=p.get("max_tokens"),
         unit_norm=cosine_unnormalized,
     )
+    padding = dict(getattr(encoder, "padding", {}))
     del encoder
     if rank != 0:  # rank 0 alone writes the index and the stage artifacts
         return {"docs": float(len(doc_ids))}
@@ -206,9 +210,13 @@ def run(ctx: Context) -> dict[str, float]:
         "docs_reused": int(enc["reused"]),
         "reused_from": str(reused_from) if reused_from else None,
         "docs_per_s": round(enc["encoded"] / enc_s, 2) if enc_s > 0 and enc["encoded"] else None,
+        # tokens computed with length-sorted batches vs batches in corpus order (the check's texts included)
+        "padding": {**padding, "saved": round(1 - padding["padded"] / padding["padded_unsorted"], 4)}
+        if padding.get("padded_unsorted") else None,
         "device": str(device),
         "bf16": bf16,
         **prec,
+        "backend": rec["backend"],
         "encode_batch_size": int(rt.encode_batch_size),
         "threads": int(rt.threads),
         "world_size": world,
@@ -219,7 +227,9 @@ def run(ctx: Context) -> dict[str, float]:
     log.info(
         "[index] %s: %d vectors x %d, %s, build %.1fs, %s",
         params["factory"], index.ntotal, enc["dim"], human_bytes(size), build_seconds,
-        f"encode {enc_s:.1f}s ({stats['docs_per_s']} docs/s)" if stats["docs_per_s"] else "no document re-encoded",
+        (f"encode {enc_s:.1f}s ({stats['docs_per_s']} docs/s, {stats['precision']}, {stats['backend']}"
+         + (f", length-sorted batches computed {stats['padding']['saved']:.0%} fewer tokens" if stats["padding"] else "")
+         + ")") if stats["docs_per_s"] else "no document re-encoded",
     )
     metrics = {"docs": float(len(doc_ids)), "index_mb": round(size / 1e6, 3), "build_s": round(build_seconds, 3)}
     if stats["docs_per_s"]:
@@ -229,6 +239,6 @@ def run(ctx: Context) -> dict[str, float]:
 
 
 STAGE = Stage(
-    name="index", version="1", reads=("data", "model.encoder", "index", "pipeline.index", "precision"), run=run,
+    name="index", version="1", reads=("data", "model.encoder", "index", "pipeline.index", "precision", "backend"), run=run,
     uses=lambda cfg, before: newest_checkpoint(before), distributed=True,
 )
