@@ -317,15 +317,20 @@ def read_st_config(path: str | Path) -> dict:
     for m in modules:
         if m["type"].endswith("Pooling"):
             pc = json.loads((path / m["path"] / "config.json").read_text())
-            if pc.get("pooling_mode_cls_token"):
+            mode = pc.get("pooling_mode")  # sentence-transformers >= 6 writes one string
+            if pc.get("pooling_mode_cls_token") or mode == "cls":
                 out["pooling"] = "cls"
-            elif pc.get("pooling_mode_mean_tokens"):
+            elif pc.get("pooling_mode_mean_tokens") or mode == "mean":
                 out["pooling"] = "mean"
             else:
                 raise ValueError(f"{path}: sentence-transformers pooling {pc} is not supported (cls or mean only)")
     sbc = path / "sentence_bert_config.json"
     if sbc.exists():
         n = json.loads(sbc.read_text()).get("max_seq_length")
+        tc = path / "tokenizer_config.json"
+        if n is None and tc.exists():  # sentence-transformers >= 6 keeps it as the tokenizer's model_max_length
+            n = json.loads(tc.read_text()).get("model_max_length")
+            n = n if isinstance(n, int) and n < 1_000_000 else None
         if n:
             out["query_max_len"] = out["doc_max_len"] = int(n)
     if out.get("normalize"):

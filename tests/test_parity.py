@@ -153,3 +153,24 @@ def test_cross_encoder_scores_equal_sentence_transformers_cross_encoder(bert, tm
     theirs = ref.predict(pairs, convert_to_numpy=True)
     assert mine.shape == theirs.shape
     assert abs(mine - theirs).max() < 1e-5, (mine, theirs)
+
+
+@pytest.mark.parametrize("mode", ["mean", "cls"])
+def test_a_model_saved_by_sentence_transformers_loads_with_its_pooling(tmp_path, mode):
+    """sentence-transformers >= 6 writes ``pooling_mode: "mean"`` (one string) where older versions wrote
+    ``pooling_mode_mean_tokens: true``; both load, and encode as sentence-transformers does."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer, models
+
+    from retrievers.encoder import build_biencoder, read_st_config
+
+    texts = [f"{t} {x}" for _, t, x in TINY_DOCS]
+    bert = make_tiny_bert(tmp_path / "bert", texts)
+    word = models.Transformer(str(bert), max_seq_length=48)
+    st = SentenceTransformer(modules=[word, models.Pooling(word.get_word_embedding_dimension(), mode),
+                                      models.Normalize()], device="cpu")
+    st.save(str(tmp_path / "st"))
+    cfg = read_st_config(tmp_path / "st")
+    assert cfg["pooling"] == mode and cfg["normalize"] and cfg["doc_max_len"] == 48
+    enc = build_biencoder(str(tmp_path / "st"), read_st=True)
+    np.testing.assert_allclose(enc.encode(texts, "doc", progress=False), st.encode(texts), atol=1e-5)
