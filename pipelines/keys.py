@@ -8,7 +8,7 @@ does not depend on the machine:
 * ``data.path`` is replaced by a content fingerprint of the dataset's files, and
   ``data.url`` (where the files came from, not what they hold) is dropped; the same holds for a
   read part of ``data`` with a ``path`` of its own (``data.text``: the sentences STS pre-training reads);
-* ``precision`` and ``backend`` (``auto``) are replaced by what they mean on this machine: ``fp32`` or
+* ``precision``, a training stage's ``pipeline.<stage>.precision`` and ``backend`` (``auto``) are replaced by what they mean on this machine: ``fp32`` or
   ``bf16``, ``torch`` or ``openvino``;
 * every key named in :data:`MACHINE_KEYS` (``local_dirs``: model id -> directory on this
   machine) is dropped wherever it appears.
@@ -130,6 +130,10 @@ def hashed_value(cfg: DictConfig, dotted: str) -> Any:
         from retrievers.openvino_backend import planned as planned_backend
 
         value = planned_backend(str(value), str(OmegaConf.select(cfg, "runtime.device", default="auto")))
+    elif dotted.startswith("pipeline.") and isinstance(value, dict) and value.get("precision") == "auto":
+        from retrievers.precision import planned  # a training stage's precision: auto -> fp32 / bf16 here
+
+        value = {**value, "precision": planned("auto", str(OmegaConf.select(cfg, "runtime.device", default="auto")))}
     elif dotted.startswith("data.") and dotted.split(".")[-1] in ("path", "url"):
         raise ConfigError(f"a stage may not read '{dotted}' on its own (a machine path); read its parent node")
     return value

@@ -103,7 +103,16 @@ def train_biencoder(name: str, encoder_cfg, init: Path | None, data: dict, p: di
             )
 
     train_data, refresher, neg_stats = negatives(split, positives, doc_text, encoder, ds, saved_doc_len)
-    progress = bool(runtime.get("progress", True))  # +runtime.progress=false: no bar (not hashed)
+    progress = bool(runtime.get("progress", True))  # runtime.progress=false: no bar (not hashed)
+    prec: dict = {}
+    if p["precision"] == "auto":  # bf16 autocast if the hardware is fast at it and the forward agrees with fp32
+        from retrievers.precision import choose
+
+        encoder.to(device)
+        sample = [doc_text[ids[0]] for _, ids in sorted(positives.items())[:64]]
+        bf16, prec = choose("auto", encoder, sample, "doc", device=device,
+                            batch_size=int(runtime["encode_batch_size"]), who=name)
+        p = {**p, "precision": "bf16" if bf16 else "fp32"}
     args = TrainArgs.from_dict({**p, "seed": int(seed), "progress": progress})
     trainer = Trainer(encoder, train_data, args, work, device=device, evaluator=evaluator, name=name,
                       refresher=refresher, loss_fn=loss_fn)
@@ -115,6 +124,10 @@ def train_biencoder(name: str, encoder_cfg, init: Path | None, data: dict, p: di
         "train_seconds": round(result.seconds, 2),
         "train_seconds_total": round(result.seconds_total, 2),
     }
+    if prec:
+        from retrievers.precision import precision_metrics
+
+        metrics.update(precision_metrics(prec))
     losses = [r for r in result.log if "loss" in r]
     if losses:
         metrics["final_loss"] = losses[-1]["loss"]

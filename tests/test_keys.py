@@ -69,8 +69,10 @@ def test_machine_paths_never_enter_a_key(tmp_path, data):
 
 def test_runtime_and_unrelated_sections_keep_every_key(tmp_path, data):
     # precision, backend fixed: under auto the device decides fp32 or bf16, torch or OpenVINO, which keys hash
-    base = keys_for(["model=ance", "precision=fp32", "backend=torch"], tmp_path)
-    other = keys_for(["model=ance", "precision=fp32", "backend=torch", "runtime.threads=7", "runtime.device=cuda:1",
+    fixed = ["model=ance", "precision=fp32", "backend=torch",
+             *(f"pipeline.{s}.precision=fp32" for s in ("retriever1", "retriever2", "distill"))]
+    base = keys_for(fixed, tmp_path)
+    other = keys_for([*fixed, "runtime.threads=7", "runtime.device=cuda:1",
                       "runtime.encode_batch_size=9", "pipeline.rerank.lr=3e-4", "pipeline.distill.epochs=9",
                       "name=something", "logger=wandb"], tmp_path)
     assert other == base

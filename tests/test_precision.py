@@ -89,8 +89,28 @@ def test_keys_hash_what_auto_means_here(tmp_path, bf16_cpu):
     cfg = {p: compose([*tiny_overrides(), f"precision={p}"], tmp_path) for p in ("auto", "bf16", "fp32")}
     bf16_cpu(True)
     assert hashed_value(cfg["auto"], "precision") == hashed_value(cfg["bf16"], "precision") == "bf16"
+    assert hashed_value(cfg["auto"], "pipeline.retriever1")["precision"] == "bf16"  # training: auto by default
     bf16_cpu(False)
     assert hashed_value(cfg["auto"], "precision") == hashed_value(cfg["fp32"], "precision") == "fp32"
+    assert hashed_value(cfg["auto"], "pipeline.retriever1")["precision"] == "fp32"
+
+
+def test_training_under_auto_runs_the_check_and_records_it(tmp_path, bf16_cpu):
+    from conftest import compose, make_tiny_beir, make_tiny_bert, tiny_texts
+
+    from pipelines.runner import run_pipeline
+
+    data = make_tiny_beir(tmp_path / "data" / "tiny")
+    model = make_tiny_bert(tmp_path / "m", tiny_texts(data))
+    bf16_cpu(True)
+    cfg = compose(["model=dpr", "data=beir", "data.name=tiny", "data.train_split=train", "debug=tiny",
+                   f"model.checkpoint={model}",
+                   "stage=retriever1", "pipeline.retriever1.n_negatives=0", "pipeline.retriever1.batch_size=2",
+                   "pipeline.retriever1.max_steps=1"], tmp_path)
+    m = run_pipeline(cfg, tmp_path / "run")["stages"]["retriever1"]
+    manifest = json.loads((Path(m["dir"]) / "manifest.json").read_text())
+    assert manifest["reads"]["pipeline.retriever1"]["precision"] == "bf16"
+    assert manifest["metrics"]["bf16"] in (0.0, 1.0) and "bf16_check_min_cosine" in manifest["metrics"]
 
 
 def test_index_and_eval_record_and_share_the_precision(tmp_path, bf16_cpu):
