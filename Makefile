@@ -59,8 +59,10 @@ verify-quick: setup ## the registry's cpu-minutes entries (BM25, MiniLM; < 15 mi
 verify: setup ## every registry entry this machine can run within cpu-hours -> outputs/tables/verify.md
 	$(PY) -m scripts.verify --budget cpu-hours
 
-bench: setup ## encoding benchmark vs sentence-transformers -> outputs/bench/encode.json
-	$(PY) -m scripts.bench_encode
+bench: setup ## speed vs sentence-transformers: encode, train, make run's commands -> outputs/bench/{encode,train,pipeline}.json
+	$(PY) -m scripts.bench_encode --openvino
+	$(PY) -m scripts.bench_train
+	$(PY) -m scripts.bench_pipeline
 
 table-bm25: setup ## Pyserini's BEIR BM25 rows (flat, multifield) on SciFact and NFCorpus
 	for d in scifact nfcorpus; do for e in bm25-beir-flat bm25-beir-multifield; do \
