@@ -8,8 +8,8 @@ does not depend on the machine:
 * ``data.path`` is replaced by a content fingerprint of the dataset's files, and
   ``data.url`` (where the files came from, not what they hold) is dropped; the same holds for a
   read part of ``data`` with a ``path`` of its own (``data.text``: the sentences STS pre-training reads);
-* ``precision``, a training stage's ``pipeline.<stage>.precision`` and ``backend`` (``auto``) are replaced by what they mean on this machine: ``fp32`` or
-  ``bf16``, ``torch`` or ``openvino``;
+* ``precision``, a training stage's ``pipeline.<stage>.precision`` and ``backend`` (``auto``) are
+  replaced by what they mean on this machine: ``fp32`` or ``bf16``, ``torch`` or ``openvino``;
 * every key named in :data:`MACHINE_KEYS` (``local_dirs``: model id -> directory on this
   machine) is dropped wherever it appears.
 

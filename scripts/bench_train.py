@@ -108,8 +108,12 @@ def st_worker(spec_path: str) -> None:
 
     torch.set_num_threads(int(spec["threads"]))
     from datasets import Dataset
-    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
-                                       SentenceTransformerTrainingArguments, losses)
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+        losses,
+    )
 
     from pipelines.provenance import status_mb
     from retrievers.hub import resolve_model
