@@ -116,11 +116,11 @@ def test_training_under_auto_runs_the_check_and_records_it(tmp_path, bf16_cpu):
 def test_index_and_eval_record_and_share_the_precision(tmp_path, bf16_cpu):
     """On bf16 hardware, ``auto`` runs the check in the index stage, records it, and eval encodes the queries
     the same way; ``precision=fp32`` is another key (never served the bf16 cache)."""
+    from conftest import make_tiny_bert
+    from test_index import DOCS, QUERIES
     from test_index import compose as index_compose
 
-    from conftest import make_tiny_bert
     from pipelines.runner import run_pipeline
-    from test_index import DOCS, QUERIES
 
     model = make_tiny_bert(tmp_path / "m", [f"{t} {x}" for _, t, x in DOCS] + list(QUERIES.values()))
     bf16_cpu(True)
@@ -169,8 +169,8 @@ def test_backend_plan_follows_the_package_and_device(monkeypatch):
 def test_openvino_encodes_like_torch_and_recompiles_after_a_weight_update(tmp_path):
     pytest.importorskip("openvino")
     import torch
-
     from conftest import TINY_DOCS, make_tiny_bert
+
     from retrievers.encoder import build_biencoder
 
     texts = [f"{t} {x}" for _, t, x in TINY_DOCS]
@@ -191,6 +191,7 @@ def test_openvino_encodes_like_torch_and_recompiles_after_a_weight_update(tmp_pa
 
 def test_encode_counts_the_padding_length_sorting_saves(tmp_path):
     from conftest import TINY_DOCS, make_tiny_bert
+
     from retrievers.encoder import build_biencoder
 
     texts = ["a", "b c d e f g h", "i", "j k l m n o p q r"]  # long and short alternate
