@@ -219,7 +219,7 @@ def test_rerank_stage_trains_teacher_writes_scores_and_eval_reranks(tmp_path, te
         f"+model.checkpoint={ckpt}", "+model.local_dirs={}", *extra,
         "pipeline.rerank.max_steps=3", "pipeline.rerank.batch_size=2", "pipeline.rerank.n_negatives=2",
         "pipeline.rerank.lr=1e-3", "pipeline.rerank.log_every=1", "pipeline.rerank.neg_window=[1,10]",
-        "pipeline.eval.rerank_depth=5", "+runtime.progress=false",
+        "pipeline.eval.rerank_depth=5", "runtime.progress=false",
         *(["pipeline.eval.colbert_e2e=true", "pipeline.eval.colbert_candidates=4"] if teacher == "colbert" else []),
     ], tmp_path)
     summary = run_pipeline(cfg, tmp_path / "run")
@@ -292,7 +292,7 @@ def _family_overrides(tmp_path, family: str, *extra: str) -> list[str]:
         small += ["model.teacher.max_len=48"]
     return [f"model={family}", "data=beir", "data.name=tiny", "data.train_split=test", "debug=tiny",
             f"model.checkpoint={ckpt}", "model.encoder.query_max_len=16", "model.encoder.doc_max_len=32",
-            "+runtime.progress=false", *small, *extra]
+            "runtime.progress=false", *small, *extra]
 
 
 @pytest.mark.parametrize("family,extra", [

@@ -92,7 +92,7 @@ def test_lamer_chain_end_to_end_reports_next_to_bm25(tiny_lm, tmp_path):
     from pipelines.runner import run_pipeline
 
     make_tiny_beir(tmp_path / "data" / "tiny")
-    over = ["model=lamer", "data=beir", "data.name=tiny", "+runtime.progress=false", *tiny_llm_overrides(tiny_lm),
+    over = ["model=lamer", "data=beir", "data.name=tiny", "runtime.progress=false", *tiny_llm_overrides(tiny_lm),
             "model.expand.demos=2", "model.expand.n=2", "pipeline.expand.passage_chars=30"]
     st = run_pipeline(compose(over, tmp_path), tmp_path / "run")["stages"]
     ex = Path(st["expand"]["dir"])
@@ -121,7 +121,7 @@ def test_a_new_query_build_reuses_the_generations(tiny_lm, tmp_path, caplog, mon
 
     make_tiny_beir(tmp_path / "data" / "tiny")
     over = ["model=lamer", "data=beir", "data.name=tiny", "debug=tiny", *tiny_llm_overrides(tiny_lm),
-            "model.expand.n=2", "+runtime.progress=false"]
+            "model.expand.n=2", "runtime.progress=false"]
     first = run_pipeline(compose(over, tmp_path), tmp_path / "run1")["stages"]["expand"]
     monkeypatch.setattr(TransformersLLM, "generate", lambda *a, **k: pytest.fail("the LLM was called again"))
     with caplog.at_level(logging.INFO, logger="drlab"):
@@ -262,7 +262,7 @@ def test_lamer_chain_through_a_real_openai_compatible_server(transformers_server
     make_tiny_beir(tmp_path / "data" / "tiny")
     cfg = compose(["model=lamer", "data=beir", "data.name=tiny", "debug=tiny", "llm@model.llm=openai",
                    f"model.llm.base_url={url}", f"model.llm.model={model}", "model.llm.max_new_tokens=4",
-                   "model.expand.n=2", "model.expand.demos=2", "+runtime.progress=false"], tmp_path)
+                   "model.expand.n=2", "model.expand.demos=2", "runtime.progress=false"], tmp_path)
     summary = run_pipeline(cfg, tmp_path / "run")
     st = summary["stages"]
     m = st["expand"]["metrics"]

@@ -84,7 +84,7 @@ def test_every_family_chain_runs_end_to_end(tmp_path, bert, lm, family):
 
     make_tiny_beir(tmp_path / "data" / "tiny")
     base = [f"model={family}", "data=beir", "data.name=tiny", "data.train_split=train", "debug=tiny",
-            *_weights(family, bert, lm), "+runtime.progress=false"]
+            *_weights(family, bert, lm), "runtime.progress=false"]
     tree = OmegaConf.to_container(compose(base, tmp_path))["model"]
     small = (["model.encoder.doc_max_len=32"] if "encoder" in tree else []) \
         + (["model.teacher.dim=8", "model.teacher.doc_max_len=32"] if "dim" in tree.get("teacher", {}) else []) \
@@ -123,7 +123,7 @@ def test_a_chain_reaches_eval_on_every_dataset_format(tmp_path, bert, data, writ
     from pipelines.runner import run_pipeline
 
     writer(tmp_path / "data" / data)
-    cfg = compose(["model=dpr", f"data={data}", "debug=tiny", f"model.checkpoint={bert}", "+runtime.progress=false",
+    cfg = compose(["model=dpr", f"data={data}", "debug=tiny", f"model.checkpoint={bert}", "runtime.progress=false",
                    "model.encoder.doc_max_len=32"], tmp_path)
     summary = run_pipeline(cfg, tmp_path / "run")
     assert list(summary["stages"]) == ["bm25", "retriever1", "index", "eval"]

@@ -147,7 +147,7 @@ def chain(tmp_path_factory):
     bert = make_tiny_bert(root / "bert", [f"{t} {x}" for _, t, x in TINY_DOCS] + [q for _, q in TINY_QUERIES])
     args = ["model=dpr", "data=beir", "data.name=tiny", "data.train_split=train", "debug=tiny", f"model.checkpoint={bert}",
             f"paths.data_dir={root / 'data'}", "model.encoder.doc_max_len=32", "pipeline.retriever1.max_steps=6",
-            "pipeline.index.shard_size=4", "+runtime.progress=false"]
+            "pipeline.index.shard_size=4", "runtime.progress=false"]
     ref = _finish(args, root / "reference")
     return {"args": args, "root": root, "reference": ref}
 

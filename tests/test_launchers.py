@@ -23,7 +23,7 @@ def test_a_sweep_of_submitit_local_jobs_shares_the_stage_cache(tmp_path):
     cmd = [sys.executable, str(REPO / "run.py"), "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
            "model=pretrained", f"model.checkpoint={bert}", "model.encoder.doc_max_len=32", "data=beir",
            "data.name=tiny", "pipeline.eval.depth=10,20", f"paths.output_dir={out}",
-           f"paths.data_dir={tmp_path / 'data'}", "runtime.threads=1", "+runtime.progress=false"]
+           f"paths.data_dir={tmp_path / 'data'}", "runtime.threads=1", "runtime.progress=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

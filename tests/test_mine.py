@@ -215,7 +215,7 @@ def _ance_overrides(tmp_path: Path, *extra: str) -> list[str]:
         "pipeline.retriever1.batch_size=2", "pipeline.retriever1.max_steps=2", "pipeline.retriever1.lr=1e-3",
         "pipeline.retriever2.batch_size=2", "pipeline.retriever2.max_steps=4", "pipeline.retriever2.lr=1e-3",
         "pipeline.mine.window=[1,8]", "pipeline.mine.n_per_query=3", "pipeline.mine.depth=10",
-        "pipeline.retriever2.refresh_every=2", "+runtime.progress=false", *extra,
+        "pipeline.retriever2.refresh_every=2", "runtime.progress=false", *extra,
     ]
 
 

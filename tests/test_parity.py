@@ -167,7 +167,7 @@ def test_a_model_saved_by_sentence_transformers_loads_with_its_pooling(tmp_path,
     texts = [f"{t} {x}" for _, t, x in TINY_DOCS]
     bert = make_tiny_bert(tmp_path / "bert", texts)
     word = models.Transformer(str(bert), max_seq_length=48)
-    st = SentenceTransformer(modules=[word, models.Pooling(word.get_word_embedding_dimension(), mode),
+    st = SentenceTransformer(modules=[word, models.Pooling(32, mode),
                                       models.Normalize()], device="cpu")
     st.save(str(tmp_path / "st"))
     cfg = read_st_config(tmp_path / "st")

@@ -184,7 +184,7 @@ def test_ict_bfs_without_metadata_says_what_is_missing(ckpt):
 def _overrides(tmp_path, ckpt, family, *extra):
     return [f"model={family}", "data=beir", "data.name=tiny", "debug=tiny", f"model.checkpoint={ckpt}",
             "pipeline.pretrain.batch_size=4", "pipeline.pretrain.max_steps=4", "pipeline.pretrain.log_every=1",
-            "model.encoder.doc_max_len=32", "+runtime.progress=false", *extra]
+            "model.encoder.doc_max_len=32", "runtime.progress=false", *extra]
 
 
 def test_contriever_zero_shot_chain_and_checkpoint(tmp_path, ckpt):

@@ -53,7 +53,7 @@ def bert(tmp_path_factory):
 
 def sts_overrides(root: Path, *extra: str) -> list[str]:
     return ["data=stsb", "data.name=tiny", "data.sets=[tiny]", f"data.text.path={root / 'tiny'}",
-            "+runtime.progress=false", *extra]
+            "runtime.progress=false", *extra]
 
 
 # ----------------------------------------------------------------------------- the file format

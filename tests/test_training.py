@@ -352,7 +352,7 @@ def _stage_overrides(tmp_path: Path, *extra: str) -> list[str]:
     return [
         "model=dpr", "data=beir", "data.name=tiny", "data.train_split=train", "debug=tiny",
         f"model.checkpoint={ckpt}", "pipeline.bm25.enabled=false", "pipeline.retriever1.n_negatives=0",
-        "pipeline.retriever1.batch_size=2", "pipeline.retriever1.lr=1e-3", "+runtime.progress=false",
+        "pipeline.retriever1.batch_size=2", "pipeline.retriever1.lr=1e-3", "runtime.progress=false",
         *extra,
     ]
 
