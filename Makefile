@@ -60,7 +60,7 @@ verify: setup ## every registry entry this machine can run within cpu-hours -> o
 	$(PY) -m scripts.verify --budget cpu-hours
 
 bench: setup ## speed vs sentence-transformers: encode, train, make run's commands -> outputs/bench/{encode,train,pipeline}.json
-	$(PY) -m scripts.bench_encode --openvino
+	$(PY) -m scripts.bench_encode
 	$(PY) -m scripts.bench_train
 	$(PY) -m scripts.bench_pipeline
 

@@ -6,23 +6,21 @@ Same model (sentence-transformers/all-MiniLM-L6-v2), same texts (the first ``--n
 ``title + " " + text``), same batch size, maximum length, device and thread count, in one process.
 The systems:
 
-* ``drlab``: ``BiEncoder.encode`` at dr-lab's default precision (``precision: auto``, resolved and
-  checked on these texts by :func:`retrievers.precision.choose` exactly as a stage does; the check's
-  own seconds are reported apart, ``check_seconds``);
-* ``drlab_fp32``: the same encoder forced to fp32;
+* ``drlab``: ``BiEncoder.encode`` as the index stage runs it by default: ``backend: auto`` (OpenVINO
+  on the CPU when installed) and ``precision: auto`` (resolved and checked on these texts by
+  :func:`retrievers.precision.choose` as a stage does; the check's seconds are reported apart,
+  ``check_seconds``);
+* ``drlab_torch_fp32`` / ``drlab_torch_bf16``: the same encoder on torch, fp32 / bf16 autocast;
 * ``st_fp32``: ``SentenceTransformer.encode`` as its docs show it (fp32), sentence-transformers'
   default;
 * ``st_bf16``: the same under ``torch.autocast(bfloat16)``, its fastest setting on this CPU;
-* ``openvino_bf16`` (``--openvino``, when the ``openvino`` package is installed): the same model
-  converted with ``openvino.convert_model`` and compiled with a bf16 inference precision hint; the
-  same tokenisation, length-sorted batches and mean pooling. A candidate backend, measured here.
 
 Other jobs on a shared machine swing throughput by 2-3x within minutes, so the texts are cut into
 chunks (``--chunk``) and every system encodes each chunk back to back, in an order that rotates
 from chunk to chunk. A ratio ``A/B`` is the median over all chunks and repeats of ``B seconds /
-A seconds`` on the same chunk. Quality: the largest absolute difference between dr-lab's fp32 and
-sentence-transformers' fp32 vectors (< 1e-5), and each system's smallest and mean cosine to
-dr-lab's fp32 vectors.
+A seconds`` on the same chunk. Quality: the largest absolute difference between dr-lab's torch fp32
+and sentence-transformers' fp32 vectors (< 1e-5), and each system's smallest and mean cosine to
+dr-lab's torch fp32 vectors.
 
 Writes ``outputs/bench/encode.json``, which keeps every measurement.
 """
@@ -61,48 +59,6 @@ def load_texts(data_dir: Path, n: int) -> list[str]:
     return texts
 
 
-def openvino_encoder(hf_model, tokenizer, threads: int, max_len: int):
-    """``encode(texts) -> unit vectors`` through OpenVINO (bf16 hint), or None without the package."""
-    try:
-        import openvino as ov
-    except ImportError:
-        return None
-    import torch
-
-    class Tower(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask,
-                          token_type_ids=token_type_ids).last_hidden_state
-
-    ex = tokenizer(["a b c", "d"], padding=True, return_tensors="pt")
-    keys = ("input_ids", "attention_mask", "token_type_ids")
-    model = ov.convert_model(Tower(hf_model.eval()), example_input=tuple(ex[k] for k in keys))
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                      "INFERENCE_PRECISION_HINT": "bf16"})
-    request = compiled.create_infer_request()
-
-    def encode(texts: list[str], batch_size: int) -> np.ndarray:
-        enc = tokenizer(texts, truncation=True, max_length=max_len)
-        order = np.argsort([-len(x) for x in enc["input_ids"]], kind="stable")
-        out = None
-        for i in range(0, len(order), batch_size):
-            b = order[i : i + batch_size]
-            f = tokenizer.pad({k: [enc[k][j] for j in b] for k in keys}, return_tensors="np")
-            h = next(iter(request.infer({k: f[k].astype(np.int64) for k in keys}).values()))
-            m = f["attention_mask"][..., None].astype(np.float32)
-            v = (h * m).sum(1) / np.maximum(m.sum(1), 1e-9)
-            if out is None:
-                out = np.empty((len(texts), v.shape[1]), dtype=np.float32)
-            out[b] = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-        return out
-
-    return encode
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=2000, help="number of SciFact documents (default 2000)")
@@ -112,7 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--chunk", type=int, default=250, help="texts per paired measurement")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--openvino", action="store_true", help="also measure the OpenVINO bf16 candidate backend")
+    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
+                    help="dr-lab's encoding backend (default: auto, as a run)")
     ap.add_argument("--data-dir", default=os.environ.get("DRLAB_DATA_DIR", str(REPO / "data")))
     ap.add_argument("--out", default=str(REPO / "outputs" / "bench" / "encode.json"))
     args = ap.parse_args(argv)
@@ -124,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from retrievers.encoder import build_biencoder, resolve_device
     from retrievers.hub import resolve_model
+    from retrievers.openvino_backend import planned as planned_backend
     from retrievers.precision import choose, cosine_rows, cpu_bf16_flags
 
     torch.set_num_threads(args.threads)
@@ -131,17 +89,21 @@ def main(argv: list[str] | None = None) -> dict:
     texts = load_texts(Path(args.data_dir), args.n)
     path = resolve_model(MODEL)
 
-    drlab = build_biencoder(MODEL, read_st=True)  # what model=pretrained builds
+    drlab = build_biencoder(MODEL, read_st=True)  # what model=pretrained builds, as the index stage runs it
     drlab.cfg["doc_max_len"] = args.max_len
     drlab.to(device)
+    drlab.backend = planned_backend(args.backend, str(device))
     t0 = time.perf_counter()
     use_bf16, prec = choose("auto", drlab, texts, "doc", device=device, batch_size=args.batch_size, who="bench")
     check_seconds = time.perf_counter() - t0
+    torch_fp32 = build_biencoder(MODEL, read_st=True)  # the same encoder on torch, fp32
+    torch_fp32.cfg["doc_max_len"] = args.max_len
+    torch_fp32.to(device)
     st = SentenceTransformer(path, device=str(device))
     st.max_seq_length = args.max_len
 
-    def drlab_at(bf16: bool):
-        return lambda ch: drlab.encode(ch, "doc", batch_size=args.batch_size, device=device, bf16=bf16, progress=False)
+    def drlab_at(enc, bf16: bool):
+        return lambda ch: enc.encode(ch, "doc", batch_size=args.batch_size, device=device, bf16=bf16, progress=False)
 
     def st_at(bf16: bool):
         def run(ch):
@@ -149,14 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
                 return st.encode(ch, batch_size=args.batch_size, convert_to_numpy=True, show_progress_bar=False)
         return run
 
-    systems = {"drlab": drlab_at(use_bf16), "drlab_fp32": drlab_at(False), "st_fp32": st_at(False),
-               "st_bf16": st_at(True)}
-    if args.openvino:
-        ov_enc = openvino_encoder(drlab.query_model, drlab.tokenizer, args.threads, args.max_len)
-        if ov_enc is None:
-            print("openvino is not installed: pip install openvino (skipped)")
-        else:
-            systems["openvino_bf16"] = lambda ch: ov_enc(ch, args.batch_size)
+    systems = {"drlab": drlab_at(drlab, use_bf16), "drlab_torch_fp32": drlab_at(torch_fp32, False),
+               "drlab_torch_bf16": drlab_at(torch_fp32, True), "st_fp32": st_at(False), "st_bf16": st_at(True)}
     for f in systems.values():  # warm-up (allocator, oneDNN / OpenVINO kernels)
         f(texts[:8])
 
@@ -184,18 +140,20 @@ def main(argv: list[str] | None = None) -> dict:
             sb / sa for ra, rb in zip(seconds[a], seconds[b]) for sa, sb in zip(ra, rb)), 4)
 
     rate = {k: round(statistics.median(len(texts) / sum(x) for x in seconds[k]), 2) for k in names}
-    ref = vectors["drlab_fp32"]
+    ref = vectors["drlab_torch_fp32"]
     out: dict = {
         "model": MODEL, "n_docs": len(texts), "batch_size": args.batch_size, "max_len": args.max_len,
         "repeats": args.repeats, "chunk": args.chunk, "threads": args.threads, "device": str(device),
         "cpu": _cpu_name(), "cpu_bf16_flags": list(cpu_bf16_flags()),
-        "drlab_default_precision": prec, "check_seconds": round(check_seconds, 2),
+        "drlab_default_precision": prec, "drlab_default_backend": drlab.backend,
+        "check_seconds": round(check_seconds, 2),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "sentence_transformers": sentence_transformers.__version__,
                      "python": platform.python_version()},
         "docs_per_s": rate,
-        "ratios": {f"{a}/{b}": ratio(a, b) for a in names for b in names if a != b and b.startswith("st_")},
-        "cosine_to_drlab_fp32": {k: {"min": float(c.min()), "mean": float(c.mean())}
+        "ratios": {f"{a}/{b}": ratio(a, b) for a in names if a.startswith("drlab") for b in names
+                   if b.startswith("st_")},
+        "cosine_to_drlab_torch_fp32": {k: {"min": float(c.min()), "mean": float(c.mean())}
                                  for k in names for c in [cosine_rows(vectors[k], ref)]},
         "fp32_max_abs_diff_drlab_vs_st": float(np.abs(ref - vectors["st_fp32"]).max()),
         "seconds_per_chunk": seconds,
@@ -208,12 +166,12 @@ def main(argv: list[str] | None = None) -> dict:
     dest = Path(args.out)
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"dr-lab default precision: {prec['precision']} (check {check_seconds:.1f} s on "
+    print(f"dr-lab default: {prec['precision']}, {drlab.backend} (check {check_seconds:.1f} s on "
           f"{prec.get('bf16_check_texts', 0)} texts, min cosine {prec.get('bf16_check_min_cosine')})")
     print("docs/s: " + ", ".join(f"{k} {v}" for k, v in rate.items()))
     print("ratios (paired chunk medians): " + ", ".join(f"{k} {v}" for k, v in out["ratios"].items()))
-    print("cosine to dr-lab fp32 (min): " + ", ".join(
-        f"{k} {v['min']:.6f}" for k, v in out["cosine_to_drlab_fp32"].items()))
+    print("cosine to dr-lab torch fp32 (min): " + ", ".join(
+        f"{k} {v['min']:.6f}" for k, v in out["cosine_to_drlab_torch_fp32"].items()))
     print(f"targets: {out['targets']}\nwrote {dest}")
     return out
 
