@@ -8,8 +8,9 @@ does; the seconds per stage come from each run's ``summary.json``.
 
 The peer does the same work the way the libraries' docs show it:
 
-* BM25: Pyserini's CLI (``python -m pyserini.index.lucene`` on a JsonCollection written from the
-  corpus, ``python -m pyserini.search.lucene --bm25 --k1 0.9 --b 0.4 --hits 1000``), then ranx;
+* BM25: bm25s (k1 0.9, b 0.4, English stopwords; its README's ``tokenize``, ``index``, ``retrieve``),
+  then ranx. Pyserini's own CLI is not the peer because it cannot start its JVM on these machines
+  (``retrievers/bm25.py`` says why); bm25s scores differ from Lucene's a little;
 * MiniLM zero-shot: ``SentenceTransformer.encode`` (its defaults: fp32, batch 32,
   ``normalize_embeddings=True``), ``faiss.IndexFlatIP``, ``index.search(q, 1000)``, ranx;
 * DPR: ``SentenceTransformerTrainer`` + ``MultipleNegativesRankingLoss`` on (query, positive, BM25
@@ -91,33 +92,25 @@ def peer(out: Path, threads: int, data_dir: str, dpr_steps: int) -> dict:
     def clock(cmd: str, step: str, t0: float) -> None:
         steps[cmd][step] = round(time.perf_counter() - t0, 1)
 
-    # --- BM25 with Pyserini's CLI
+    # --- BM25 with bm25s, as its README shows (Pyserini's own CLI cannot start its JVM here: retrievers/bm25.py)
+    import bm25s
+
     t0 = time.perf_counter()
-    coll = out / "collection"
-    coll.mkdir()
-    with open(coll / "docs.jsonl", "w", encoding="utf-8") as fh:
-        for d, text in docs.items():
-            fh.write(json.dumps({"id": d, "contents": text}) + "\n")
-    env = {**os.environ, "JAVA_TOOL_OPTIONS": os.environ.get("JAVA_TOOL_OPTIONS", "")}
-    subprocess.check_call([sys.executable, "-m", "pyserini.index.lucene", "--collection", "JsonCollection",
-                           "--input", str(coll), "--index", str(out / "index"), "--generator",
-                           "DefaultLuceneDocumentGenerator", "--threads", str(threads), "--storeRaw"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    ids = list(docs)
+    retriever = bm25s.BM25(k1=0.9, b=0.4)
+    retriever.index(bm25s.tokenize([docs[d] for d in ids], stopwords="en", show_progress=False), show_progress=False)
     clock("bm25", "index", t0)
     runs = {}
     for split in ("test", "train"):
         t0 = time.perf_counter()
-        topics = out / f"{split}.tsv"
-        topics.write_text("".join(f"{q}\t{' '.join(queries[q].split())}\n" for q in qrels[split]))
-        subprocess.check_call([sys.executable, "-m", "pyserini.search.lucene", "--index", str(out / "index"),
-                               "--topics", str(topics), "--output", str(out / f"{split}.run"), "--bm25",
-                               "--k1", "0.9", "--b", "0.4", "--hits", "1000", "--threads", str(threads),
-                               "--batch-size", "64"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        run: dict[str, dict[str, float]] = {}
-        for line in open(out / f"{split}.run"):
-            q, _, d, _, s, _ = line.split()
-            run.setdefault(q, {})[d] = float(s)
-        runs[split] = run
+        qids = list(qrels[split])
+        res, sc = retriever.retrieve(bm25s.tokenize([queries[q] for q in qids], stopwords="en", show_progress=False),
+                                     k=1000, show_progress=False, n_threads=threads)
+        runs[split] = {q: {ids[j]: float(x) for j, x in zip(res[i], sc[i])} for i, q in enumerate(qids)}
+        with open(out / f"{split}.run", "w") as fh:  # TREC, for the DPR negatives below
+            for q, ranked in runs[split].items():
+                for r, (d, x) in enumerate(sorted(ranked.items(), key=lambda kv: -kv[1]), 1):
+                    fh.write(f"{q} Q0 {d} {r} {x:.6f} bm25s\n")
         clock("bm25" if split == "test" else "dpr", f"search_{split}", t0)
     t0 = time.perf_counter()
     result["bm25_ndcg@10"] = _ndcg(qrels["test"], runs["test"])
@@ -184,11 +177,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dpr-steps", type=int, default=196, help="retriever1 / MNRL steps (make run: 196)")
     ap.add_argument("--data-dir", default=os.environ.get("DRLAB_DATA_DIR", str(REPO / "data")))
     ap.add_argument("--work", default=str(REPO / "outputs" / "bench" / "pipeline_runs"))
+    ap.add_argument("--drlab-json", help="reuse the dr-lab half of an earlier run (JSON of its 'dr-lab:' line)")
     ap.add_argument("--out", default=str(REPO / "outputs" / "bench" / "pipeline.json"))
     args = ap.parse_args(argv)
     data_dir = str(Path(args.data_dir).resolve())
     work = Path(args.work)
-    d = drlab(work / "drlab", args.threads, data_dir, args.dpr_steps)
+    if args.drlab_json:  # the dr-lab half of an earlier run (the "dr-lab:" line it printed)
+        d = json.loads(Path(args.drlab_json).read_text())
+    else:
+        d = drlab(work / "drlab", args.threads, data_dir, args.dpr_steps)
     print("dr-lab:", json.dumps(d), flush=True)
     p = peer(work / "peer", args.threads, data_dir, args.dpr_steps)
     print("peer:", json.dumps(p), flush=True)
