@@ -122,21 +122,25 @@ def hashed_value(cfg: DictConfig, dotted: str) -> Any:
         path = value.pop("path", None)
         if path is not None:
             value["fingerprint"] = data_fingerprint(path)
-    elif dotted == "precision":  # auto -> what this hardware will use (retrievers/precision.py)
-        from retrievers.precision import planned
-
-        value = planned(str(value), str(OmegaConf.select(cfg, "runtime.device", default="auto")))
-    elif dotted == "backend":  # auto -> torch or openvino on this machine (retrievers/openvino_backend.py)
-        from retrievers.openvino_backend import planned as planned_backend
-
-        value = planned_backend(str(value), str(OmegaConf.select(cfg, "runtime.device", default="auto")))
-    elif dotted.startswith("pipeline.") and isinstance(value, dict) and value.get("precision") == "auto":
-        from retrievers.precision import planned  # a training stage's precision: auto -> fp32 / bf16 here
-
-        value = {**value, "precision": planned("auto", str(OmegaConf.select(cfg, "runtime.device", default="auto")))}
+    elif dotted == "precision" or dotted == "backend" or (
+            dotted.startswith("pipeline.") and isinstance(value, dict) and value.get("precision") == "auto"):
+        value = _planned(cfg, dotted, value)
     elif dotted.startswith("data.") and dotted.split(".")[-1] in ("path", "url"):
         raise ConfigError(f"a stage may not read '{dotted}' on its own (a machine path); read its parent node")
     return value
+
+
+def _planned(cfg: DictConfig, dotted: str, value: Any) -> Any:
+    """``auto`` -> what this machine will use: precision fp32 / bf16 (``retrievers/precision.py``, also a training
+    stage's ``pipeline.<stage>.precision``), backend torch / openvino (``retrievers/openvino_backend.py``)."""
+    from retrievers import openvino_backend, precision
+
+    device = str(OmegaConf.select(cfg, "runtime.device", default="auto"))
+    if dotted == "backend":
+        return openvino_backend.planned(str(value), device)
+    if dotted == "precision":
+        return precision.planned(str(value), device)
+    return {**value, "precision": precision.planned("auto", device)}
 
 
 def stage_key(name: str, version: str, reads: dict[str, Any], upstream: dict[str, str]) -> str:

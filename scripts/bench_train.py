@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     import transformers
 
+    from scripts.bench_encode import _cpu_name
+
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     data_dir = str(Path(args.data_dir).resolve())
@@ -189,8 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
               for a in results if a.startswith("drlab") for b in results if b.startswith("st")}
     out = {
         "model": MODEL, "steps": args.steps, "batch_size": 32, "threads": args.threads,
-        "cpu": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                     if ln.startswith("model name")), "unknown"),
+        "cpu": _cpu_name(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "sentence_transformers": sentence_transformers.__version__, "python": platform.python_version()},
         "systems": results, "ratios": ratios,
