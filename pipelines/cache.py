@@ -6,7 +6,8 @@
     python -m pipelines.cache gc [--outputs DIR] [--remove]
         list what the cache holds that no finished run needs, with sizes: half-written
         ``.partial/`` dirs, resumable ``.work/`` dirs, ``.damaged-*`` dirs set aside by a check, and
-        finished entries that no run summary or experiment pointer references. ``--remove``
+        finished entries that no run summary or experiment pointer references, and the token-id
+        cache (``outputs/tokens/``, ``retrievers/token_cache.py``). ``--remove``
         deletes them; a stage whose lock is held by a running job is skipped.
 
 ``--outputs`` defaults to ``$DRLAB_OUTPUT_DIR`` or ``./outputs``.
@@ -94,6 +95,13 @@ def gc(out: Path, remove: bool) -> int:
                     shutil.rmtree(d) if d.is_dir() else d.unlink()
         except TimeoutError:
             print(f"{'in use':<13} {'':>10}  {d} (a running job holds its lock: skipped)")
+    tokens = out / "tokens"  # runtime.token_cache's default: always rebuildable, never referenced
+    for d in sorted(tokens.iterdir()) if tokens.is_dir() else []:
+        size = _size(d)
+        total += size
+        print(f"{'token ids':<13} {_human(size):>10}  {d}")
+        if remove:
+            shutil.rmtree(d) if d.is_dir() else d.unlink()
     print(f"{'removed' if remove else 'removable (--remove)'}: {_human(total)}")
     return 0
 

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipelines import all_stages, keys
 from pipelines.executor import PlanItem, execute, format_plan, plan
+from retrievers import token_cache
 from retrievers.data import ensure_available
 from retrievers.errors import ConfigError
 
@@ -49,6 +50,7 @@ def _data_splits(cfg: DictConfig) -> list[str]:
 def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run ``cfg.stage``'s upstream closure; write ``summary.json`` into ``run_dir``."""
     torch_threads(cfg)
+    token_cache.configure(cfg.runtime.get("token_cache"))
     out_root = Path(cfg.paths.output_dir)
     cache = out_root / "cache"
     keys.FINGERPRINT_STORE, keys.STORE_WRITABLE = cache / "fingerprints.json", not cfg.get("dry_run")

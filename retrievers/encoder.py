@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from retrievers import token_cache
 from retrievers.hub import resolve_model
 from retrievers.st_config import read_st_config, write_st_config
 
@@ -168,7 +169,7 @@ class BiEncoder(nn.Module):
         self.eval()
         prefix = self.cfg["query_prefix"] if side == "query" else self.cfg["doc_prefix"]
         max_len = self.cfg["query_max_len"] if side == "query" else self.cfg["doc_max_len"]
-        enc = self.tokenizer([prefix + t for t in texts], truncation=True, max_length=max_len)
+        enc = token_cache.tokenize(self.tokenizer, [prefix + t for t in texts], max_len)  # ids reused across stages
         ids = enc["input_ids"]
         order = np.argsort([-len(x) for x in ids], kind="stable")
         batches: list[np.ndarray] = []

@@ -20,7 +20,8 @@ chunks (``--chunk``) and every system encodes each chunk back to back, in an ord
 from chunk to chunk. A ratio ``A/B`` is the median over all chunks and repeats of ``B seconds /
 A seconds`` on the same chunk. Quality: the largest absolute difference between dr-lab's torch fp32
 and sentence-transformers' fp32 vectors (< 1e-5), and each system's smallest and mean cosine to
-dr-lab's torch fp32 vectors.
+dr-lab's torch fp32 vectors. ``token_cache``: tokenising the texts against reading their ids from
+:mod:`retrievers.token_cache` (what the index stage, mining, ANCE refreshes and a sweep's runs reuse).
 
 Writes ``outputs/bench/encode.json``, which keeps every measurement.
 """
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         "fp32_max_abs_diff_drlab_vs_st": float(np.abs(ref - vectors["st_fp32"]).max()),
         "seconds_per_chunk": seconds,
     }
+    out["token_cache"] = bench_token_cache(drlab.tokenizer, texts, args.max_len, rate["drlab"])
     out["targets"] = {
         "drlab/st_fp32>=1.5": out["ratios"]["drlab/st_fp32"] >= 1.5,
         "drlab/st_bf16>=1.2": out["ratios"]["drlab/st_bf16"] >= 1.2,
@@ -172,8 +174,38 @@ def main(argv: list[str] | None = None) -> dict:
     print("ratios (paired chunk medians): " + ", ".join(f"{k} {v}" for k, v in out["ratios"].items()))
     print("cosine to dr-lab torch fp32 (min): " + ", ".join(
         f"{k} {v['min']:.6f}" for k, v in out["cosine_to_drlab_torch_fp32"].items()))
+    tc = out["token_cache"]
+    print(f"token ids: tokenising {tc['texts']} texts {tc['tokenize_seconds']} s ({100 * tc['tokenize_share_of_encode']:.1f}% "
+          f"of dr-lab's encode), from the cache {tc['cached_seconds']} s ({tc['speedup']}x)")
     print(f"targets: {out['targets']}\nwrote {dest}")
     return out
+
+
+def bench_token_cache(tokenizer, texts: list[str], max_len: int, docs_per_s: float, repeats: int = 3) -> dict:
+    """Tokenising ``texts`` against reading their ids from :mod:`retrievers.token_cache` (median of ``repeats``)."""
+    import tempfile
+
+    from retrievers import token_cache
+
+    with tempfile.TemporaryDirectory() as tmp:
+        token_cache.configure(tmp)
+        tok_s, read_s = [], []
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            tokenizer(texts, truncation=True, max_length=max_len)
+            tok_s.append(time.perf_counter() - t0)
+            if r == 0:
+                t0 = time.perf_counter()
+                token_cache.tokenize(tokenizer, texts, max_len)  # the miss: tokenise, check, write
+                write_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            token_cache.tokenize(tokenizer, texts, max_len)
+            read_s.append(time.perf_counter() - t0)
+        token_cache.configure(None)
+    tok, read = statistics.median(tok_s), statistics.median(read_s)
+    return {"texts": len(texts), "tokenize_seconds": round(tok, 3), "first_call_seconds": round(write_s, 3),
+            "cached_seconds": round(read, 3), "speedup": round(tok / read, 2),
+            "tokenize_share_of_encode": round(tok / (len(texts) / docs_per_s), 4)}
 
 
 def _cpu_name() -> str:
