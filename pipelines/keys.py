@@ -11,7 +11,7 @@ does not depend on the machine:
 * ``precision``, a training stage's ``pipeline.<stage>.precision`` and ``backend`` (``auto``) are
   replaced by what they mean on this machine: ``fp32`` or ``bf16``, ``torch`` or ``openvino``;
 * every key named in :data:`MACHINE_KEYS` (``local_dirs``: model id -> directory on this
-  machine) is dropped wherever it appears.
+  machine) is dropped wherever it appears, and so is a knob of :data:`NEUTRAL` at its neutral value.
 
 ``runtime.*`` is never a read. Bump :data:`KEY_FORMAT` when the payload itself changes shape:
 every cache from before is then recomputed (README, "Stage keys").
@@ -34,6 +34,9 @@ from retrievers.errors import ConfigError
 KEY_FORMAT = "2"
 #: config keys that name things on this machine: never hashed, at any depth
 MACHINE_KEYS = frozenset({"local_dirs"})
+#: knobs added after caches existed, at the value that computes what came before: not hashed at that
+#: value (at any depth), so adding one does not move every existing key; any other value is hashed
+NEUTRAL = {"length_sort": False}
 #: files in a dataset directory that are documentation or archives, not data
 _NOT_DATA = {".md", ".zip", ".gz", ".tar", ".txt"}
 
@@ -51,11 +54,12 @@ def select(cfg: DictConfig, dotted: str) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def _strip_machine(value: Any) -> Any:
+def _strip_unhashed(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _strip_machine(v) for k, v in value.items() if k not in MACHINE_KEYS}
+        return {k: _strip_unhashed(v) for k, v in value.items()
+                if k not in MACHINE_KEYS and not (k in NEUTRAL and v == NEUTRAL[k])}
     if isinstance(value, list):
-        return [_strip_machine(v) for v in value]
+        return [_strip_unhashed(v) for v in value]
     return value
 
 
@@ -115,7 +119,7 @@ def data_fingerprint(path: str | os.PathLike) -> dict[str, str]:
 
 def hashed_value(cfg: DictConfig, dotted: str) -> Any:
     """What a read contributes to a key: the resolved node, without machine paths."""
-    value = _strip_machine(select(cfg, dotted))
+    value = _strip_unhashed(select(cfg, dotted))
     if (dotted == "data" or dotted.startswith("data.")) and isinstance(value, dict):
         value = dict(value)  # the dataset, or a part of it with its own files (data.text of STS data)
         value.pop("url", None)

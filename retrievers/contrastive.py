@@ -282,6 +282,23 @@ def _slice(feats: dict[str, torch.Tensor], i: int, j: int, right_padded: bool = 
     return out
 
 
+def _length_sorted(feats: dict[str, torch.Tensor], padding: dict[str, int] | None, chunk: int, on: bool):
+    """``feats`` with its rows sorted longest first (``on``), and the permutation back to input order.
+
+    ``padding`` counts the real tokens, the tokens the chunks compute (each cut to its own longest row)
+    and the tokens one unsorted forward of the whole batch would compute.
+    """
+    n = feats["input_ids"].shape[0]
+    lens = feats["attention_mask"].sum(1) if "attention_mask" in feats else torch.full((n,), feats["input_ids"].shape[1])
+    order = torch.argsort(lens, descending=True, stable=True) if on else torch.arange(n)
+    if padding is not None:
+        ls = lens[order].tolist()
+        padding["tokens"] += int(sum(ls))
+        padding["padded"] += sum(len(ls[i : i + chunk]) * max(ls[i : i + chunk]) for i in range(0, n, chunk))
+        padding["padded_unsorted"] += n * int(feats["input_ids"].shape[1])
+    return ({k: v[order] for k, v in feats.items()} if on else feats), torch.argsort(order)
+
+
 def _autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -302,19 +319,37 @@ def contrastive_step(
     temperature: float | None = None,
     loss_scale: float = 1.0,
     scaler: "torch.amp.GradScaler | None" = None,
+    length_sort: bool = False,
+    padding: dict[str, int] | None = None,
 ) -> float:
     """Forward + backward of one (micro-)batch; returns the global loss (unscaled).
 
     ``batch`` is the global batch (for targets/mask), ``local`` this rank's shard.
     Gradients (of ``loss * loss_scale``) accumulate in ``.grad``; on several ranks each
     holds its own part and :func:`all_reduce_grads` sums them.
+
+    ``length_sort``: the encoder runs over the batch's queries and documents in length-sorted chunks
+    of ``chunk_size``, each padded only to its own longest text (with ``grad_cache``, its chunks are
+    sorted the same way). The batch, its in-batch negatives and the loss are those of one forward;
+    only the padded positions nobody attends to are skipped. ``padding`` (a counter dict) adds up
+    real, computed and unsorted-whole-batch tokens.
     """
-    q_feats = {k: v.to(device) for k, v in encoder.tokenize(local.queries, "query").items()}
-    d_feats = {k: v.to(device) for k, v in encoder.tokenize(local.docs, "doc").items()}
+    right = getattr(encoder.tokenizer, "padding_side", "right") == "right"
+    chunk = chunk_size if (length_sort or grad_cache) and right else 1 << 30
+    q_feats, q_back = _length_sorted({k: v.to(device) for k, v in encoder.tokenize(local.queries, "query").items()},
+                                     padding, chunk, length_sort and right)
+    d_feats, d_back = _length_sorted({k: v.to(device) for k, v in encoder.tokenize(local.docs, "doc").items()},
+                                     padding, chunk, length_sort and right)
     t_scale = encoder.cfg["temperature"] / temperature if temperature else 1.0
 
-    def loss_of(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        q_all, d_all = gather_with_grad(q.float()), gather_with_grad(d.float())
+    def embed(feats: dict[str, torch.Tensor], side: str) -> torch.Tensor:
+        n = feats["input_ids"].shape[0]
+        if chunk >= n:
+            return encoder.embed(feats, side)
+        return torch.cat([encoder.embed(_slice(feats, i, min(n, i + chunk), right), side) for i in range(0, n, chunk)])
+
+    def loss_of(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:  # q, d in sorted order
+        q_all, d_all = gather_with_grad(q.float()[q_back]), gather_with_grad(d.float()[d_back])
         scores = encoder.score(q_all, d_all) * t_scale
         return loss_fn(scores, batch)
 
@@ -324,14 +359,13 @@ def contrastive_step(
 
     if not grad_cache:
         with _autocast(device, precision):
-            q = encoder.embed(q_feats, "query")
-            d = encoder.embed(d_feats, "doc")
+            q = embed(q_feats, "query")
+            d = embed(d_feats, "doc")
         loss = loss_of(q, d)
         backward(loss)
         return float(loss.detach())
 
     # GradCache: 1) embeddings without a graph, chunk by chunk, remembering RNG states
-    right = getattr(encoder.tokenizer, "padding_side", "right") == "right"
     cached: dict[str, tuple[torch.Tensor, list[tuple[int, int, _RngState]]]] = {}
     for side, feats in (("query", q_feats), ("doc", d_feats)):
         n = feats["input_ids"].shape[0]

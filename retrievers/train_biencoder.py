@@ -124,6 +124,10 @@ def train_biencoder(name: str, encoder_cfg, init: Path | None, data: dict, p: di
         "train_seconds": round(result.seconds, 2),
         "train_seconds_total": round(result.seconds_total, 2),
     }
+    pad = trainer.padding
+    if pad["tokens"]:  # what the forwards computed against real tokens (length_sort: sorted chunks)
+        metrics["padded_per_token"] = round(pad["padded"] / pad["tokens"], 4)
+        metrics["padded_per_token_unsorted"] = round(pad["padded_unsorted"] / pad["tokens"], 4)
     if prec:
         from retrievers.precision import precision_metrics
 

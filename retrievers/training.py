@@ -66,6 +66,7 @@ class TrainArgs:
     gradient_checkpointing: bool = False
     grad_cache: bool = False
     chunk_size: int = 16
+    length_sort: bool = False  # forward each batch in length-sorted chunks of chunk_size (same loss, less padding)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: CUDA only, with GradScaler)
     temperature: float | None = None  # None: the encoder's own
     mask_false_negatives: bool = True  # drop a query's other judged positives from its softmax
@@ -140,6 +141,7 @@ class Trainer:
         self.evaluator = evaluator
         self.name = name
         self.refresher = refresher
+        self.padding = {"tokens": 0, "padded": 0, "padded_unsorted": 0}  # this process's steps (contrastive_step)
         self.rank, self.world = dist_info()
         self._check()
 
@@ -303,6 +305,7 @@ class Trainer:
                     self.encoder, batch, batch.shard(self.rank, self.world), device=self.device,
                     loss_fn=self.loss_fn, grad_cache=a.grad_cache, chunk_size=a.chunk_size,
                     precision=a.precision, temperature=a.temperature, loss_scale=1.0 / a.grad_accum, scaler=scaler,
+                    length_sort=a.length_sort, padding=self.padding,
                 )
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"[{self.name}] loss is {loss} at step {step + 1}; lower lr or use fp32")

@@ -78,6 +78,17 @@ def test_runtime_and_unrelated_sections_keep_every_key(tmp_path, data):
     assert other == base
 
 
+def test_a_knob_at_its_neutral_value_keeps_the_keys_of_before(tmp_path, data, monkeypatch):
+    from pipelines import keys
+
+    base = keys_for(["model=dpr"], tmp_path)
+    assert keys_for(["model=dpr", "pipeline.retriever1.length_sort=false"], tmp_path) == base
+    assert moved(base, keys_for(["model=dpr", "pipeline.retriever1.length_sort=true"], tmp_path)) == {
+        "retriever1", "index", "eval"}
+    monkeypatch.setattr(keys, "NEUTRAL", {})  # what the key was before the knob was declared neutral
+    assert moved(base, keys_for(["model=dpr"], tmp_path)) == {"retriever1", "index", "eval"}
+
+
 def test_precision_moves_only_the_stages_that_encode(tmp_path, data):
     base = keys_for(["model=ance", "precision=fp32"], tmp_path)
     bf16 = keys_for(["model=ance", "precision=bf16"], tmp_path)

@@ -204,6 +204,28 @@ def test_grad_cache_equals_full_batch_gradients(tmp_path, shared):
     assert worst < 1e-5, worst
 
 
+@pytest.mark.parametrize("grad_cache", [False, True])
+def test_length_sorted_chunks_give_the_full_batch_loss_and_gradients_with_less_padding(tmp_path, grad_cache):
+    data = tiny_data(n_negatives=2)
+    batch = data.epoch_batches(0, seed=0, batch_size=8)[0]
+    enc = tiny_encoder(tmp_path, shared=False)
+    enc.train()
+    plain = {"tokens": 0, "padded": 0, "padded_unsorted": 0}
+    loss_full = contrastive_step(enc, batch, batch, device=torch.device("cpu"), padding=plain)
+    g_full = grads_of(enc)
+    enc.zero_grad(set_to_none=True)
+    pad = dict.fromkeys(plain, 0)
+    loss = contrastive_step(enc, batch, batch, device=torch.device("cpu"), length_sort=True, chunk_size=3,
+                            grad_cache=grad_cache, padding=pad)
+    g = grads_of(enc)
+    assert loss == pytest.approx(loss_full, abs=1e-6)
+    assert max((g_full[k] - g[k]).abs().max().item() for k in g_full) < 1e-5
+    real = sum(int(enc.tokenize(t, side)["attention_mask"].sum()) for side, t in (("query", batch.queries),
+                                                                                  ("doc", batch.docs)))
+    assert pad["tokens"] == plain["tokens"] == real and pad["padded_unsorted"] == plain["padded_unsorted"] == plain["padded"]
+    assert pad["tokens"] < pad["padded"] < plain["padded"], (pad, plain)
+
+
 def test_grad_cache_replays_dropout(tmp_path):
     """With dropout on and one chunk per side, GradCache's second pass reuses the first pass's masks."""
     data = tiny_data(n_negatives=1)
