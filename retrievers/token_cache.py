@@ -109,7 +109,12 @@ def _write(entry: Path, ids: list[list[int]], meta: dict[str, Any]) -> None:
     meta["sha256"] = {f: _sha(tmp / f) for f in ("ids.npy", "offsets.npy")}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(entry, ignore_errors=True)  # a damaged entry being replaced
-    os.replace(tmp, entry)
+    try:
+        os.replace(tmp, entry)
+    except OSError:  # another process wrote the entry first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (entry / "meta.json").exists():
+            raise
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_len: int) -> dict[str, list[list[int]]]:

@@ -22,6 +22,8 @@ queries cut at 64 tokens, documents at 128.
 
 The systems run one after the other in this process's children, in the order
 ``drlab_fp32, st_fp32, drlab_bf16, st_bf16`` (``--precisions``), so each ratio compares neighbours.
+``--length-sort`` adds ``drlab_<precision>_sorted`` after ``drlab_<precision>``: the same run with
+``pipeline.retriever1.length_sort=true`` (length-sorted chunks; both report padded tokens per real token).
 Writes ``outputs/bench/train.json``: steps/s, seconds, peak RSS, SciFact test nDCG@10 and R@100 of
 each system, and the ratios ``drlab_X / st_fp32`` and ``drlab_X / st_Y``.
 """
@@ -55,13 +57,14 @@ def _summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def drlab(out: Path, steps: int, precision: str, threads: int, data_dir: str) -> dict:
-    base = out / f"drlab_{precision}"
+def drlab(out: Path, steps: int, precision: str, threads: int, data_dir: str, length_sort: bool = False) -> dict:
+    base = out / f"drlab_{precision}{'_sorted' if length_sort else ''}"
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     _run([sys.executable, "run.py", "model=dpr", "data=scifact", "model.encoder.shared=true",
           f"pipeline.retriever1.max_steps={steps}", f"pipeline.retriever1.precision={precision}",
           "pipeline.retriever1.mask_false_negatives=false", "pipeline.retriever1.save_every=100000",
+          f"pipeline.retriever1.length_sort={str(length_sort).lower()}",
           f"runtime.threads={threads}", "runtime.progress=false", f"paths.output_dir={base}",
           f"paths.data_dir={data_dir}", "hydra.run.dir=" + str(base / "hydra")], base / "log.txt")
     s = _summary(base / "hydra")
@@ -70,6 +73,8 @@ def drlab(out: Path, steps: int, precision: str, threads: int, data_dir: str) ->
     m = json.loads((stage / "manifest.json").read_text())
     return {"steps": int(last["step"]), "train_seconds": round(last["seconds"], 2),
             "steps_per_s": round(last["step"] / last["seconds"], 4), "peak_rss_mb": m["peak_rss_mb"],
+            "padded_per_token": m["metrics"].get("padded_per_token"),
+            "padded_per_token_unsorted": m["metrics"].get("padded_per_token_unsorted"),
             "ndcg@10": s["metrics"]["test/ndcg@10"], "recall@100": s["metrics"].get("test/recall@100"),
             "bm25_train_run": str(Path(s["stages"]["bm25"]["dir"]) / "runs" / "train.trec")}
 
@@ -161,6 +166,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=56, help="optimizer steps (SciFact: 28 batches of 32 per epoch)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--length-sort", action="store_true",
+                    help="also run dr-lab with pipeline.retriever1.length_sort=true (drlab_<precision>_sorted), "
+                         "right after drlab_<precision>")
+    ap.add_argument("--no-peer", action="store_true", help="skip sentence-transformers (e.g. only --length-sort)")
     ap.add_argument("--data-dir", default=os.environ.get("DRLAB_DATA_DIR", str(REPO / "data")))
     ap.add_argument("--work", default=str(REPO / "outputs" / "bench" / "train_runs"))
     ap.add_argument("--out", default=str(REPO / "outputs" / "bench" / "train.json"))
@@ -183,12 +192,16 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     for prec in args.precisions:
         results[f"drlab_{prec}"] = drlab(work, args.steps, prec, args.threads, data_dir)
+        if args.length_sort:
+            results[f"drlab_{prec}_sorted"] = drlab(work, args.steps, prec, args.threads, data_dir, length_sort=True)
         if not trip.exists():
             trip.write_text(json.dumps(triplets(Path(data_dir), Path(results[f"drlab_{prec}"]["bm25_train_run"]))))
-        results[f"st_{prec}"] = st(work, args.steps, prec, args.threads, data_dir, trip)
-        print(json.dumps({k: v for k, v in results.items() if k.endswith(prec)}, indent=1), flush=True)
+        if not args.no_peer:
+            results[f"st_{prec}"] = st(work, args.steps, prec, args.threads, data_dir, trip)
+        print(json.dumps({k: v for k, v in results.items() if f"_{prec}" in k}, indent=1), flush=True)
     ratios = {f"{a}/{b}": round(results[a]["steps_per_s"] / results[b]["steps_per_s"], 4)
-              for a in results if a.startswith("drlab") for b in results if b.startswith("st")}
+              for a in results if a.startswith("drlab") for b in results
+              if b.startswith("st") or (b.startswith("drlab") and a == b + "_sorted")}
     out = {
         "model": MODEL, "steps": args.steps, "batch_size": 32, "threads": args.threads,
         "cpu": _cpu_name(),
