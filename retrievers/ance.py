@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from retrievers import token_cache
 from retrievers.encoder import BiEncoder, build_biencoder
 from retrievers.mining import overlap, read_negatives, write_negatives
 
@@ -328,7 +329,8 @@ class AnnRefresher:
         (self.dir / "STOP").unlink(missing_ok=True)
         ctx = mp.get_context("spawn")
         self._proc = ctx.Process(
-            target=refresh_worker, args=(self.miner, self.encoder_spec, str(self.dir), self.device, os.getpid()),
+            target=refresh_worker, args=(self.miner, self.encoder_spec, str(self.dir), self.device, os.getpid(),
+                                         0.2, token_cache.directory()),
             daemon=True
         )
         self._proc.start()
@@ -344,12 +346,14 @@ class AnnRefresher:
 
 
 def refresh_worker(miner, encoder_spec, refresh_dir: str, device: str, parent_pid: int | None = None,
-                   poll_s: float = 0.2) -> None:
-    """The inference process of the async refresh: newest request -> negatives file, until STOP."""
+                   poll_s: float = 0.2, token_dir: str | None = None) -> None:
+    """The inference process of the async refresh: newest request -> negatives file, until STOP
+    (``token_dir``: the parent's token-id cache, so each refresh reads the corpus's ids)."""
     from retrievers.encoder import instantiate_encoder
     from retrievers.proc import die_with_parent
 
     die_with_parent(parent_pid)  # a kill -9 of the trainer must not leave this process running
+    token_cache.configure(token_dir)
 
     d = Path(refresh_dir)
     try:

@@ -39,6 +39,11 @@ def configure(path: str | os.PathLike | None) -> None:
     _DIR = Path(path) if path else None
 
 
+def directory() -> str | None:
+    """The configured directory (for a worker process to configure the same one), or None."""
+    return str(_DIR) if _DIR is not None else None
+
+
 def fingerprint(tokenizer) -> str:
     """A digest of what the tokenizer computes (not its name or the state a call leaves behind)."""
     h = hashlib.sha256(type(tokenizer).__name__.encode())
