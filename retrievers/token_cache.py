@@ -130,6 +130,7 @@ def tokenize(tokenizer, texts: Sequence[str], max_len: int) -> dict[str, list[li
         cached = _read(entry, len(texts))
         if cached is not None:
             stats["hits"] += 1
+            log.info("token ids of %d texts read from %s (tokenised once, reused)", len(texts), entry)
             return cached
     enc = dict(tokenizer(list(texts), truncation=True, max_length=max_len))
     if direct:
