@@ -22,8 +22,12 @@ queries cut at 64 tokens, documents at 128.
 
 The systems run one after the other in this process's children, in the order
 ``drlab_fp32, st_fp32, drlab_bf16, st_bf16`` (``--precisions``), so each ratio compares neighbours.
-``--length-sort`` adds ``drlab_<precision>_sorted`` after ``drlab_<precision>``: the same run with
-``pipeline.retriever1.length_sort=true`` (length-sorted chunks; both report padded tokens per real token).
+
+``--length-sort N`` measures ``pipeline.<stage>.length_sort`` instead: N retriever1 batches (the same
+model, data, lengths and bf16 autocast as dr-lab's default; negatives drawn from the corpus), each run
+through ``contrastive_step`` (forward + backward) once with and once without length-sorted chunks, in
+alternating order; the ratio is the median of paired seconds, next to the padded tokens per real token
+of both. Writes ``outputs/bench/train_length_sort.json``.
 Writes ``outputs/bench/train.json``: steps/s, seconds, peak RSS, SciFact test nDCG@10 and R@100 of
 each system, and the ratios ``drlab_X / st_fp32`` and ``drlab_X / st_Y``.
 """
@@ -57,14 +61,13 @@ def _summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def drlab(out: Path, steps: int, precision: str, threads: int, data_dir: str, length_sort: bool = False) -> dict:
-    base = out / f"drlab_{precision}{'_sorted' if length_sort else ''}"
+def drlab(out: Path, steps: int, precision: str, threads: int, data_dir: str) -> dict:
+    base = out / f"drlab_{precision}"
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     _run([sys.executable, "run.py", "model=dpr", "data=scifact", "model.encoder.shared=true",
           f"pipeline.retriever1.max_steps={steps}", f"pipeline.retriever1.precision={precision}",
           "pipeline.retriever1.mask_false_negatives=false", "pipeline.retriever1.save_every=100000",
-          f"pipeline.retriever1.length_sort={str(length_sort).lower()}",
           f"runtime.threads={threads}", "runtime.progress=false", f"paths.output_dir={base}",
           f"paths.data_dir={data_dir}", "hydra.run.dir=" + str(base / "hydra")], base / "log.txt")
     s = _summary(base / "hydra")
@@ -73,8 +76,6 @@ def drlab(out: Path, steps: int, precision: str, threads: int, data_dir: str, le
     m = json.loads((stage / "manifest.json").read_text())
     return {"steps": int(last["step"]), "train_seconds": round(last["seconds"], 2),
             "steps_per_s": round(last["step"] / last["seconds"], 4), "peak_rss_mb": m["peak_rss_mb"],
-            "padded_per_token": m["metrics"].get("padded_per_token"),
-            "padded_per_token_unsorted": m["metrics"].get("padded_per_token_unsorted"),
             "ndcg@10": s["metrics"]["test/ndcg@10"], "recall@100": s["metrics"].get("test/recall@100"),
             "bm25_train_run": str(Path(s["stages"]["bm25"]["dir"]) / "runs" / "train.trec")}
 
@@ -161,23 +162,78 @@ def st(out: Path, steps: int, precision: str, threads: int, data_dir: str, trip:
     return r
 
 
+def length_sort_pairs(n: int, threads: int, data_dir: str, chunk: int = 16) -> dict:
+    """Paired seconds of one contrastive step with and without ``length_sort`` (see the module docstring)."""
+    import statistics
+
+    import torch
+
+    from retrievers.contrastive import ContrastiveData, contrastive_step
+    from retrievers.data import load_dataset
+    from retrievers.dpr import build
+    from retrievers.precision import choose
+
+    torch.set_num_threads(threads)
+    ds = load_dataset({"name": "scifact", "format": "beir", "path": str(Path(data_dir) / "scifact")}, ["train"])
+    enc = build(MODEL, shared=True, pooling="mean", normalize=True, similarity="cos", temperature=0.05,
+                query_max_len=64, doc_max_len=128, local_dirs=None)
+    doc_ids = list(ds.corpus)
+    data = ContrastiveData(ds.queries, ds.positives("train"), dict(zip(doc_ids, enc.doc_texts([ds.corpus[d] for d in doc_ids]))),
+                           n_negatives=1)
+    bf16, _ = choose("auto", enc, [data.doc_text[d] for d in doc_ids[:64]], "doc", device=torch.device("cpu"),
+                     batch_size=64, who="bench")
+    precision = "bf16" if bf16 else "fp32"
+    enc.train()
+    batches = data.epoch_batches(0, seed=42, batch_size=32)[:n]
+    seconds = {"off": [], "on": []}
+    padding = {k: {"tokens": 0, "padded": 0, "padded_unsorted": 0} for k in seconds}
+    contrastive_step(enc, batches[0], batches[0], device=torch.device("cpu"), precision=precision)  # warm-up
+    for i, b in enumerate(batches):
+        for mode in (("off", "on") if i % 2 == 0 else ("on", "off")):
+            enc.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            contrastive_step(enc, b, b, device=torch.device("cpu"), precision=precision, chunk_size=chunk,
+                             length_sort=mode == "on", padding=padding[mode])
+            seconds[mode].append(time.perf_counter() - t0)
+        print(f"batch {i + 1}/{len(batches)}: off {seconds['off'][-1]:.2f} s, on {seconds['on'][-1]:.2f} s", flush=True)
+    return {
+        "batches": len(batches), "batch_size": 32, "chunk_size": chunk, "precision": precision, "threads": threads,
+        "seconds_per_step": {k: round(statistics.median(v), 3) for k, v in seconds.items()},
+        "speedup_on_vs_off": round(statistics.median(a / b for a, b in zip(seconds["off"], seconds["on"])), 4),
+        "padded_per_token": {k: round(v["padded"] / v["tokens"], 4) for k, v in padding.items()},
+        "seconds": seconds, "cpu": _cpu_name_lazy(),
+    }
+
+
+def _cpu_name_lazy() -> str:
+    from scripts.bench_encode import _cpu_name
+
+    return _cpu_name()
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=56, help="optimizer steps (SciFact: 28 batches of 32 per epoch)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    ap.add_argument("--length-sort", action="store_true",
-                    help="also run dr-lab with pipeline.retriever1.length_sort=true (drlab_<precision>_sorted), "
-                         "right after drlab_<precision>")
-    ap.add_argument("--no-peer", action="store_true", help="skip sentence-transformers (e.g. only --length-sort)")
     ap.add_argument("--data-dir", default=os.environ.get("DRLAB_DATA_DIR", str(REPO / "data")))
     ap.add_argument("--work", default=str(REPO / "outputs" / "bench" / "train_runs"))
     ap.add_argument("--out", default=str(REPO / "outputs" / "bench" / "train.json"))
+    ap.add_argument("--length-sort", type=int, metavar="N", default=0,
+                    help="instead: N paired steps with and without pipeline.<stage>.length_sort")
     ap.add_argument("--st-worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.st_worker:
         st_worker(args.st_worker)
         return {}
+    if args.length_sort:
+        res = length_sort_pairs(args.length_sort, args.threads, str(Path(args.data_dir).resolve()))
+        dest = Path(args.out).with_name("train_length_sort.json")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"length_sort: {res['seconds_per_step']} s/step, speedup {res['speedup_on_vs_off']}x, padded per real "
+              f"token {res['padded_per_token']}\nwrote {dest}")
+        return res
     import sentence_transformers
     import torch
     import transformers
@@ -192,16 +248,12 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     for prec in args.precisions:
         results[f"drlab_{prec}"] = drlab(work, args.steps, prec, args.threads, data_dir)
-        if args.length_sort:
-            results[f"drlab_{prec}_sorted"] = drlab(work, args.steps, prec, args.threads, data_dir, length_sort=True)
         if not trip.exists():
             trip.write_text(json.dumps(triplets(Path(data_dir), Path(results[f"drlab_{prec}"]["bm25_train_run"]))))
-        if not args.no_peer:
-            results[f"st_{prec}"] = st(work, args.steps, prec, args.threads, data_dir, trip)
-        print(json.dumps({k: v for k, v in results.items() if f"_{prec}" in k}, indent=1), flush=True)
+        results[f"st_{prec}"] = st(work, args.steps, prec, args.threads, data_dir, trip)
+        print(json.dumps({k: v for k, v in results.items() if k.endswith(prec)}, indent=1), flush=True)
     ratios = {f"{a}/{b}": round(results[a]["steps_per_s"] / results[b]["steps_per_s"], 4)
-              for a in results if a.startswith("drlab") for b in results
-              if b.startswith("st") or (b.startswith("drlab") and a == b + "_sorted")}
+              for a in results if a.startswith("drlab") for b in results if b.startswith("st")}
     out = {
         "model": MODEL, "steps": args.steps, "batch_size": 32, "threads": args.threads,
         "cpu": _cpu_name(),
