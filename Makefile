@@ -95,19 +95,20 @@ table-ance: setup ## BM25, retriever1, retriever2 on mined negatives, ANCE refre
 # the teacher reranks only retriever2's top 100, not the student's (CPU time: 323 queries x 100 pairs ~ 14 min).
 D5_NFC := pipeline.retriever1.max_steps=196 pipeline.retriever2.max_steps=112 pipeline.rerank.max_steps=114 \
   pipeline.distill.max_steps=114 pipeline.rerank.score_queries=600
-SIMLM := model=simlm pipeline.pretrain.enabled=false
+SIMLM := model=simlm pipeline.pretrain.enabled=false teacher@model.teacher=cross_encoder
 table-distill: setup ## SimLM chain + TCT-ColBERT (+HN) + ColBERT e2e next to BM25 on SciFact + NFCorpus
 	for d in scifact nfcorpus; do \
 	  case $$d in nfcorpus) S="$(D5_NFC)"; R="pipeline.eval.rerank_depth=0"; F="";; \
 	    *) S=""; R=""; F="simlm-$$d:rerank";; esac; \
 	  $(PY) run.py model=bm25 data=$$d && $(PY) run.py model=pretrained data=$$d && \
 	  $(PY) run.py $(SIMLM) data=$$d $$S $$R name=simlm-$$d && \
+	  $(PY) run.py model=simlm pipeline.pretrain.enabled=false data=$$d $$S $$R name=simlm-colbert-$$d && \
 	  $(PY) run.py $(SIMLM) data=$$d $$S name=simlm-r2-$$d pipeline.distill.enabled=false && \
 	  $(PY) run.py $(SIMLM) data=$$d $$S name=simlm-r1-$$d pipeline.mine.enabled=false pipeline.retriever2.enabled=false \
 	    pipeline.rerank.enabled=false pipeline.distill.enabled=false && \
 	  $(PY) run.py model=tct_colbert data=$$d $$S name=tct-$$d pipeline.eval.colbert_e2e=true pipeline.eval.rerank_depth=0 && \
 	  $(PY) run.py model=tct_colbert data=$$d $$S name=tct-hn-$$d pipeline.distill.n_negatives=1 pipeline.eval.rerank_depth=0 && \
-	  $(PY) -m scripts.compare bm25-$$d simlm-r1-$$d simlm-r2-$$d simlm-r2-$$d:rerank simlm-$$d $$F \
+	  $(PY) -m scripts.compare bm25-$$d simlm-r1-$$d simlm-r2-$$d simlm-r2-$$d:rerank simlm-$$d $$F simlm-colbert-$$d \
 	    pretrained-$$d tct-$$d tct-hn-$$d tct-$$d:colbert_e2e --metrics ndcg@10 recall@100 mrr@10 \
 	    --out outputs/tables/distill-$$d.md \
 	  || exit 1; done

@@ -50,12 +50,22 @@ def load_registry(path: Path = REGISTRY) -> list[dict]:
             raise SystemExit(f"error: {path}: entry '{e['name']}' cost '{e['cost']}'; valid: {', '.join(COSTS)}")
         if "command" not in e and "experiment" not in e:
             raise SystemExit(f"error: {path}: entry '{e['name']}' has neither command nor experiment")
+        if e.get("measured_in", "fp32") != "fp32":
+            raise SystemExit(f"error: {path}: entry '{e['name']}' measured_in '{e['measured_in']}'; valid: fp32 "
+                             "(leave it out for a row measured with the defaults)")
     return entries
+
+
+#: what ``measured_in: fp32`` adds: the precision and backend every row measured before ``precision: auto``
+#: (2026-11-30) ran with, so the row reproduces what was measured on any hardware
+FP32 = ["precision=fp32", "backend=torch",
+        *(f"pipeline.{s}.precision=fp32" for s in ("retriever1", "retriever2", "distill"))]
 
 
 def command_of(e: dict) -> list[str]:
     """The run.py overrides of an entry (an ``experiment`` entry is ``experiment=<name>`` + its command)."""
-    return ([f"experiment={e['experiment']}"] if e.get("experiment") else []) + list(e.get("command") or [])
+    pins = FP32 if e.get("measured_in") == "fp32" else []
+    return ([f"experiment={e['experiment']}"] if e.get("experiment") else []) + list(e.get("command") or []) + pins
 
 
 def why_not(e: dict, budget: str, data_dir: Path) -> str | None:

@@ -178,7 +178,8 @@ def test_cross_encoder_scores_pairs_trains_and_saves(tmp_path):
     from retrievers.cross_encoder import CrossEncoder
 
     ckpt = make_tiny_bert(tmp_path / "bert", DOCS + QUERIES)
-    ce = component(["model=simlm"], "model.teacher", checkpoint=str(ckpt), max_len=48)
+    ce = component(["model=simlm", "teacher@model.teacher=cross_encoder"], "model.teacher", checkpoint=str(ckpt),
+                   max_len=48)
     opt = torch.optim.AdamW(ce.parameters(), lr=5e-3)
     qs, pos, neg = QUERIES[:4], [DOCS[5], DOCS[1], DOCS[2], DOCS[8]], [DOCS[0], DOCS[3], DOCS[4], DOCS[6]]
     first = None
@@ -288,8 +289,8 @@ def _family_overrides(tmp_path, family: str, *extra: str) -> list[str]:
              "pipeline.distill.lr=1e-3", "pipeline.eval.rerank_depth=4"]
     if family == "tct_colbert":
         small += ["model.teacher.dim=8", "model.teacher.query_max_len=12", "model.teacher.doc_max_len=32"]
-    else:
-        small += ["model.teacher.max_len=48"]
+    else:  # SimLM with the cross-encoder (its ColBERT default is the path tct_colbert runs)
+        small += ["teacher@model.teacher=cross_encoder", "model.teacher.max_len=48"]
     return [f"model={family}", "data=beir", "data.name=tiny", "data.train_split=test", "debug=tiny",
             f"model.checkpoint={ckpt}", "model.encoder.query_max_len=16", "model.encoder.doc_max_len=32",
             "runtime.progress=false", *small, *extra]
@@ -379,7 +380,7 @@ def test_score_query_sample_is_seeded_ordered_and_checked():
     (["model=tct_colbert"], "InBatchKD", 0),                                    # TCT-ColBERT: in-batch KD
     (["model=tct_colbert", "pipeline.distill.n_negatives=1"], "InBatchKD", 1),   # the HN variant
     (["model=tct_colbert", "loss@pipeline.distill.loss=group_kl", "pipeline.distill.n_negatives=7"], "GroupKL", 7),
-    (["model=simlm"], "GroupKL", 7),                                             # cross-encoder teacher: group KL
+    (["model=simlm"], "GroupKL", 7),                                             # SimLM: group KL over teacher scores
     (["model=simlm", "loss@pipeline.distill.loss=margin_mse"], "MarginMSE", 7),
 ])
 def test_the_family_yaml_chooses_the_distill_loss(tmp_path, overrides, loss, n_neg):

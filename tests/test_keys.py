@@ -38,7 +38,7 @@ def data(tiny_beir):
 
 def test_teacher_setting_moves_only_the_teacher_and_its_consumers(tmp_path, data):
     base = keys_for(["model=simlm"], tmp_path)
-    changed = keys_for(["model=simlm", "model.teacher.max_len=128"], tmp_path)
+    changed = keys_for(["model=simlm", "model.teacher.doc_max_len=128"], tmp_path)
     assert moved(base, changed) == {"rerank", "distill", "index", "eval"}
 
 
@@ -170,6 +170,7 @@ def test_file_hashes_persist_between_runs_and_follow_edits(tmp_path, data, monke
 
     store = tmp_path / "fingerprints.json"
     monkeypatch.setattr(K, "FINGERPRINT_STORE", store)
+    monkeypatch.setattr(K, "STORE_WRITABLE", True)  # a dry run earlier in the session leaves it False
     monkeypatch.setattr(K, "_FP_CACHE", {})
     first = K.data_fingerprint(data / "tiny")
     assert store.exists() and len(json.loads(store.read_text())) == len(first)
@@ -179,6 +180,7 @@ def test_file_hashes_persist_between_runs_and_follow_edits(tmp_path, data, monke
     assert K.data_fingerprint(data / "tiny") == first
     monkeypatch.undo()
     monkeypatch.setattr(K, "FINGERPRINT_STORE", store)
+    monkeypatch.setattr(K, "STORE_WRITABLE", True)
     corpus = data / "tiny" / "corpus.jsonl"
     corpus.write_text(corpus.read_text().replace("Hawaii", "Hawai'"))  # edited in the middle, same size
     assert K.data_fingerprint(data / "tiny")["corpus.jsonl"] != first["corpus.jsonl"]

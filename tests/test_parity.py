@@ -144,7 +144,8 @@ def test_cross_encoder_scores_equal_sentence_transformers_cross_encoder(bert, tm
     (dr-lab truncates only the passage, ``only_second``; the pairs here fit, so both see every token.)"""
     from sentence_transformers import CrossEncoder as STCrossEncoder
 
-    ours = component(["model=simlm"], "model.teacher", checkpoint=str(bert), max_len=64).eval()
+    ours = component(["model=simlm", "teacher@model.teacher=cross_encoder"], "model.teacher", checkpoint=str(bert),
+                     max_len=64).eval()
     ours.save(tmp_path / "ce")
     ref = STCrossEncoder(str(tmp_path / "ce"), max_length=64, device="cpu", activation_fn=torch.nn.Identity())
     pairs = list(zip(QUERIES, POS)) + list(zip(QUERIES, NEG))

@@ -32,6 +32,8 @@ def test_every_entry_composes_and_reports_its_metric(entry, tmp_path):
     key = entry.get("key") or f"{entry['split']}/{entry['metric']}"
     assert key.split("/")[-2] == cfg.data.eval_split, f"{entry['name']}: {key} is not on data.eval_split"
     assert entry["provenance"]["source"] and entry["provenance"].get("ref")
+    if entry.get("measured_in") == "fp32":  # rows measured before precision: auto reproduce in fp32 + torch
+        assert (cfg.precision, cfg.backend, cfg.pipeline.retriever1.precision) == ("fp32", "torch", "fp32")
 
 
 def _placeholder(data_dir: Path, name: str) -> None:
