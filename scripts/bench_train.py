@@ -172,6 +172,7 @@ def length_sort_pairs(n: int, threads: int, data_dir: str, chunk: int = 16) -> d
     from retrievers.data import load_dataset
     from retrievers.dpr import build
     from retrievers.precision import choose
+    from scripts.bench_encode import _cpu_name
 
     torch.set_num_threads(threads)
     ds = load_dataset({"name": "scifact", "format": "beir", "path": str(Path(data_dir) / "scifact")}, ["train"])
@@ -201,14 +202,8 @@ def length_sort_pairs(n: int, threads: int, data_dir: str, chunk: int = 16) -> d
         "seconds_per_step": {k: round(statistics.median(v), 3) for k, v in seconds.items()},
         "speedup_on_vs_off": round(statistics.median(a / b for a, b in zip(seconds["off"], seconds["on"])), 4),
         "padded_per_token": {k: round(v["padded"] / v["tokens"], 4) for k, v in padding.items()},
-        "seconds": seconds, "cpu": _cpu_name_lazy(),
+        "seconds": seconds, "cpu": _cpu_name(),
     }
-
-
-def _cpu_name_lazy() -> str:
-    from scripts.bench_encode import _cpu_name
-
-    return _cpu_name()
 
 
 def main(argv: list[str] | None = None) -> dict:

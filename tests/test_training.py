@@ -187,17 +187,22 @@ def test_sampled_negatives_stay_in_pool_never_positive_and_depend_on_seed_epoch(
 # --------------------------------------------------------------------------- GradCache
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_grad_cache_equals_full_batch_gradients(tmp_path, shared):
-    data = tiny_data(n_negatives=2)
-    batch = data.epoch_batches(0, seed=0, batch_size=6)[0]
+def full_then(tmp_path, batch_size: int, shared: bool, full: dict, other: dict):
+    """One contrastive step of a tiny encoder as a full forward (``full`` kwargs), then as ``other``:
+    (batch, encoder, loss_full, grads_full, loss_other, grads_other)."""
+    batch = tiny_data(n_negatives=2).epoch_batches(0, seed=0, batch_size=batch_size)[0]
     enc = tiny_encoder(tmp_path, shared=shared)
     enc.train()
-    loss_full = contrastive_step(enc, batch, batch, device=torch.device("cpu"))
-    g_full = grads_of(enc)
-    enc.zero_grad(set_to_none=True)
-    loss_gc = contrastive_step(enc, batch, batch, device=torch.device("cpu"), grad_cache=True, chunk_size=4)
-    g_gc = grads_of(enc)
+    out = []
+    for kw in (full, other):
+        enc.zero_grad(set_to_none=True)
+        out += [contrastive_step(enc, batch, batch, device=torch.device("cpu"), **kw), grads_of(enc)]
+    return (batch, enc, *out)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_grad_cache_equals_full_batch_gradients(tmp_path, shared):
+    _, _, loss_full, g_full, loss_gc, g_gc = full_then(tmp_path, 6, shared, {}, {"grad_cache": True, "chunk_size": 4})
     assert loss_gc == pytest.approx(loss_full, abs=1e-6)
     assert g_full.keys() == g_gc.keys() and len(g_full) > 10
     worst = max((g_full[k] - g_gc[k]).abs().max().item() for k in g_full)
@@ -206,18 +211,11 @@ def test_grad_cache_equals_full_batch_gradients(tmp_path, shared):
 
 @pytest.mark.parametrize("grad_cache", [False, True])
 def test_length_sorted_chunks_give_the_full_batch_loss_and_gradients_with_less_padding(tmp_path, grad_cache):
-    data = tiny_data(n_negatives=2)
-    batch = data.epoch_batches(0, seed=0, batch_size=8)[0]
-    enc = tiny_encoder(tmp_path, shared=False)
-    enc.train()
     plain = {"tokens": 0, "padded": 0, "padded_unsorted": 0}
-    loss_full = contrastive_step(enc, batch, batch, device=torch.device("cpu"), padding=plain)
-    g_full = grads_of(enc)
-    enc.zero_grad(set_to_none=True)
     pad = dict.fromkeys(plain, 0)
-    loss = contrastive_step(enc, batch, batch, device=torch.device("cpu"), length_sort=True, chunk_size=3,
-                            grad_cache=grad_cache, padding=pad)
-    g = grads_of(enc)
+    batch, enc, loss_full, g_full, loss, g = full_then(
+        tmp_path, 8, False, {"padding": plain},
+        {"length_sort": True, "chunk_size": 3, "grad_cache": grad_cache, "padding": pad})
     assert loss == pytest.approx(loss_full, abs=1e-6)
     assert max((g_full[k] - g[k]).abs().max().item() for k in g_full) < 1e-5
     real = sum(int(enc.tokenize(t, side)["attention_mask"].sum()) for side, t in (("query", batch.queries),
