@@ -59,8 +59,8 @@ def fingerprint(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
-def _key(tokenizer, texts: Sequence[str], max_len: int) -> str:
-    h = hashlib.sha256(f"{fingerprint(tokenizer)}|{int(max_len)}|{len(texts)}".encode())
+def _key(fp: str, texts: Sequence[str], max_len: int) -> str:
+    h = hashlib.sha256(f"{fp}|{int(max_len)}|{len(texts)}".encode())
     for t in texts:
         h.update(t.encode("utf-8", "surrogatepass"))
         h.update(b"\0")
@@ -126,7 +126,8 @@ def tokenize(tokenizer, texts: Sequence[str], max_len: int) -> dict[str, list[li
     """``tokenizer(texts, truncation=True, max_length=max_len)`` as a dict of lists, through the cache."""
     direct = _DIR is None or len(texts) < MIN_TEXTS
     if not direct:
-        entry = _DIR / _key(tokenizer, texts, max_len)
+        fp = fingerprint(tokenizer)
+        entry = _DIR / _key(fp, texts, max_len)
         cached = _read(entry, len(texts))
         if cached is not None:
             stats["hits"] += 1
@@ -140,7 +141,7 @@ def tokenize(tokenizer, texts: Sequence[str], max_len: int) -> dict[str, list[li
         log.info("token cache: %s's output is not plain single-sequence ids; not cached", type(tokenizer).__name__)
         return enc
     try:
-        _write(entry, enc["input_ids"], {"tokenizer": fingerprint(tokenizer), "max_len": int(max_len), "keys": list(enc),
+        _write(entry, enc["input_ids"], {"tokenizer": fp, "max_len": int(max_len), "keys": list(enc),
                                          "texts": len(texts), "tokens": sum(map(len, enc["input_ids"]))})
     except OSError as e:  # a full or read-only disk costs the reuse, not the run
         log.warning("token cache: could not write %s (%s); continuing without it", entry, e)
