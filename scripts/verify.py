@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise SystemExit(f"error: unknown entries {unknown}; see python -m scripts.verify --list")
         entries = [e for e in entries if e["name"] in a.only]
-    rows = []
+    rows, t0 = [], time.perf_counter()
     out = a.outputs / "tables" / ("verify-quick.md" if a.quick else "verify.md")
     for e in entries:
         row = {k: e[k] for k in ("name", "metric", "expected", "tolerance")} | {"got": None, "seconds": 0.0}
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r["name"] for r in rows if r["status"].startswith("fail")]
     print(f"table: {out}")
     print(f"verify: {sum(r['status'] == 'pass' for r in rows)} passed, {len(failed)} failed, "
-          f"{sum(r['status'].startswith('skipped') for r in rows)} skipped")
+          f"{sum(r['status'].startswith('skipped') for r in rows)} skipped in {time.perf_counter() - t0:.0f} s")
     return 1 if failed else 0
 
 
