@@ -62,6 +62,8 @@ class PlanItem:
     peak_rss_mb: float | None = None
     uses: tuple[str, ...] = ()
     reads: dict[str, Any] = field(default_factory=dict)
+    #: a cached stage: the run that made it (when, the command, its commit), from its manifest
+    produced_by: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- plan
@@ -236,7 +238,10 @@ def execute(cfg: DictConfig, stages: dict[str, Stage], items: list[PlanItem], ca
             if cached:
                 m = json.loads(manifest.read_text())
                 item.status, item.metrics, item.seconds = "cached", m.get("metrics", {}), 0.0
-                log.info("[%s] cached: %s", item.stage, final)
+                item.produced_by = {"started": m.get("started"), "command": m.get("command"),
+                                    "commit": (m.get("git") or {}).get("commit")}
+                log.info("[%s] cached: %s (made %s by %s)", item.stage, final, m.get("started"),
+                         " ".join(m.get("command") or ["?"]))
             else:
                 _run_one(cfg, stage, item, final, {u: done[u] for u in item.uses})
         done[item.stage] = final

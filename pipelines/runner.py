@@ -167,6 +167,7 @@ def _summary(cfg: DictConfig, items: list[PlanItem], seconds: float, error: Base
                 "key": i.key,
                 "dir": str(i.dir) if i.dir else None,
                 "metrics": i.metrics,
+                **({"produced_by": i.produced_by} if i.produced_by else {}),
             }
             for i in items
         },

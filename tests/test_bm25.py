@@ -165,8 +165,13 @@ def test_rerun_is_all_cached(tiny_env, first_run):
 
 
 def test_runtime_change_is_cached(tiny_env, first_run):
+    _, s1 = first_run
     _, s = summary_of(run_cli([*tiny_env["base"], "runtime.threads=2"]))
     assert {k: v["status"] for k, v in s["stages"].items()} == {"bm25": "cached", "eval": "cached"}
+    # the record says which run made each cached stage: its command, without runtime.threads=2
+    assert all("produced_by" not in v for v in s1["stages"].values()), "a stage this run made names no other run"
+    for v in s["stages"].values():
+        assert v["produced_by"]["command"] == s1["command"] and v["produced_by"]["started"]
 
 
 def test_k1_change_reruns_bm25_and_eval(tiny_env, first_run):
