@@ -238,10 +238,10 @@ def execute(cfg: DictConfig, stages: dict[str, Stage], items: list[PlanItem], ca
             if cached:
                 m = json.loads(manifest.read_text())
                 item.status, item.metrics, item.seconds = "cached", m.get("metrics", {}), 0.0
-                item.produced_by = {"started": m.get("started"), "command": m.get("command"),
-                                    "commit": (m.get("git") or {}).get("commit")}
-                log.info("[%s] cached: %s (made %s by %s)", item.stage, final, m.get("started"),
-                         " ".join(m.get("command") or ["?"]))
+                made = item.produced_by = {"started": m.get("started"), "command": m.get("command"),
+                                           "commit": (m.get("git") or {}).get("commit")}
+                log.info("[%s] cached: %s (made %s by %s)", item.stage, final, made["started"],
+                         " ".join(made["command"] or ["?"]))
             else:
                 _run_one(cfg, stage, item, final, {u: done[u] for u in item.uses})
         done[item.stage] = final
