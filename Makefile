@@ -44,6 +44,9 @@ run: setup ## quickstart on SciFact: BM25, pretrained MiniLM, DPR fine-tuned; pr
 test: setup ## fast test suite (CPU, no network, < 15 min)
 	$(PY) -m pytest -q
 
+test-slow: setup ## subprocess integration: torchrun on two ranks, kill -9 then resume, launcher sweeps (~4 min)
+	$(PY) -m pytest -q -m slow
+
 test-faults: setup ## fault-injection suite: kill -9 at five points of a chain, damaged artifacts, concurrent runs
 	$(PY) -m pytest -q -m faults tests/test_faults.py
 

@@ -114,6 +114,7 @@ def test_two_ranks_training_equals_single_process(two_ranks, tmp_path):
     assert len((tmp / "work-dist" / "train_log.jsonl").read_text().splitlines()) == 3
 
 
+@pytest.mark.slow
 def test_torchrun_runs_the_stage_on_two_ranks(tmp_path):
     """``torchrun --nproc_per_node 2 run.py ... stage=retriever1`` trains once and writes once (rank 0)."""
     import json

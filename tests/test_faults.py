@@ -98,6 +98,7 @@ def test_a_failed_run_keeps_the_pointers_of_the_last_good_one(tmp_path, tiny_bei
     assert os.readlink(out / "latest").endswith("good")
 
 
+@pytest.mark.slow
 def test_two_runs_in_the_same_second_get_their_own_run_dirs(tmp_path, tiny_beir):
     base = [*tiny_overrides(), f"paths.data_dir={tmp_path / 'data'}", f"paths.output_dir={tmp_path / 'out'}",
             "hydra.run.dir=${paths.output_dir}/runs/fixed-second_${drlab_uid:}"]
@@ -243,6 +244,7 @@ def test_help_describes_the_run_keys_with_examples():
         assert word in out, word
 
 
+@pytest.mark.slow
 def test_sweep_jobs_get_their_own_experiment_names(tmp_path, tiny_beir):
     proc = _cli(["-m", *tiny_overrides(), "pipeline.bm25.k1=0.9,0.8", f"paths.data_dir={tmp_path / 'data'}",
                  f"paths.output_dir={tmp_path / 'out'}"])

@@ -340,6 +340,7 @@ def test_index_stage_end_to_end(tmp_path, tiny_model):
     assert summary2["metrics"]["test/ndcg@10"] == pytest.approx(summary["metrics"]["test/ndcg@10"])
 
 
+@pytest.mark.slow
 def test_index_stage_resumes_from_shards_after_a_kill(tmp_path, tiny_model, monkeypatch):
     from pipelines.runner import run_pipeline
     from retrievers.encoder import BiEncoder

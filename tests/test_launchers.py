@@ -16,6 +16,7 @@ from conftest import CONF_DIR, REPO, make_tiny_beir, make_tiny_bert, tiny_texts
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is a dependency")
 
 
+@pytest.mark.slow
 def test_a_sweep_of_submitit_local_jobs_shares_the_stage_cache(tmp_path):
     data = make_tiny_beir(tmp_path / "data" / "tiny")
     bert = make_tiny_bert(tmp_path / "bert", tiny_texts(data))

@@ -154,6 +154,7 @@ def test_n_processes_on_one_cache_compute_each_stage_once(tmp_path):
     assert not list((tmp_path / "locks").glob("*.lock")), "every lock released"
 
 
+@pytest.mark.slow
 def test_a_job_killed_mid_stage_leaves_a_lock_the_next_job_breaks(tmp_path, caplog):
     ctx = multiprocessing.get_context("spawn")
     victim = ctx.Process(target=_worker, args=(str(tmp_path), 0.9, 30.0, None))

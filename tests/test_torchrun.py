@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import make_tiny_beir, make_tiny_bert, tiny_texts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,6 +24,7 @@ def _run(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_equals_single_process(tmp_path: Path):
     data = make_tiny_beir(tmp_path / "data" / "tiny")
     model = make_tiny_bert(tmp_path / "model", tiny_texts(data))
@@ -51,6 +53,7 @@ def test_torchrun_two_ranks_equals_single_process(tmp_path: Path):
         assert abs(s_dist["metrics"][k] - v) < 1e-6, k
 
 
+@pytest.mark.slow
 def test_torchrun_dpr_chain_trains_on_two_ranks(tmp_path: Path):
     """bm25 (rank 0) -> retriever1 (both ranks, gathered in-batch negatives) -> index -> eval."""
     data = make_tiny_beir(tmp_path / "data" / "tiny")

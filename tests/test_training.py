@@ -412,6 +412,7 @@ def test_stage_without_train_split_says_how_to_fix(tmp_path):
         run_pipeline(cfg, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_stage_resumes_after_sigkill(tmp_path):
     """kill -9 the real command after its first checkpoint; the rerun resumes from that step."""
     make_tiny_beir(tmp_path / "data" / "tiny")
