@@ -44,7 +44,7 @@ run: setup ## quickstart on SciFact: BM25, pretrained MiniLM, DPR fine-tuned; pr
 test: setup ## fast test suite (CPU, no network, < 15 min)
 	$(PY) -m pytest -q
 
-test-slow: setup ## subprocess integration: torchrun on two ranks, kill -9 then resume, launcher sweeps (~4 min)
+test-slow: setup ## subprocess integration (torchrun on two ranks, kill -9 then resume, launcher sweeps), the MS MARCO / DPR-format and Margin-MSE chains (~5 min)
 	$(PY) -m pytest -q -m slow
 
 test-faults: setup ## fault-injection suite: kill -9 at five points of a chain, damaged artifacts, concurrent runs

@@ -298,8 +298,9 @@ def _family_overrides(tmp_path, family: str, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("family,extra", [
     ("simlm", ["pipeline.distill.n_negatives=2"]),
-    ("simlm", ["pipeline.distill.n_negatives=2", "loss@pipeline.distill.loss=margin_mse",
-               "model.chain=[bm25,mine,rerank,distill,index,eval]", "pipeline.mine.source=dense"]),
+    pytest.param("simlm", ["pipeline.distill.n_negatives=2", "loss@pipeline.distill.loss=margin_mse",
+                           "model.chain=[bm25,mine,rerank,distill,index,eval]", "pipeline.mine.source=dense"],
+                 marks=pytest.mark.slow),
     ("tct_colbert", ["pipeline.distill.n_negatives=0"]),
     ("tct_colbert", ["pipeline.distill.n_negatives=1", "pipeline.distill.neg_window=[1,10]"]),
 ])

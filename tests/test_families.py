@@ -117,6 +117,7 @@ def _write_dpr(root: Path) -> None:
         (root / f"biencoder-nq-{split}.json").write_text(json.dumps(items))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data, writer", [("msmarco-passage", _write_msmarco), ("nq", _write_dpr)])
 def test_a_chain_reaches_eval_on_every_dataset_format(tmp_path, bert, data, writer):
     """The dpr chain (bm25 negatives, training, index, eval with its unseen subset) on MS MARCO TSV and DPR JSON."""
