@@ -125,11 +125,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def environment() -> str:
+    """The commit and package versions a table was measured with (a row that moves names its cause)."""
+    from pipelines.provenance import git_state, package_versions
+
+    g = git_state()
+    commit = (g.get("commit") or "unknown")[:12] + (" (uncommitted changes)" if g.get("dirty") else "")
+    return f"commit {commit}; " + ", ".join(f"{k} {v}" for k, v in package_versions().items())
+
+
 def write_table(out: Path, rows: list[dict], budget: str, partial: bool = False) -> str:
     text = table(rows)
     state = ", in progress" if partial else ""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# dr-lab verify ({time.strftime('%Y-%m-%d %H:%M')}, budget {budget}{state})\n\n{text}\n")
+    out.write_text(f"# dr-lab verify ({time.strftime('%Y-%m-%d %H:%M')}, budget {budget}{state})\n\n"
+                   f"Environment: {environment()}\n\n{text}\n")
     return text
 
 

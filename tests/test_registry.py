@@ -103,4 +103,7 @@ def test_verify_passes_fails_and_skips(tmp_path, tiny_beir, capsys, monkeypatch)
     monkeypatch.setattr(v, "load_registry", lambda: entries)
     assert v.main(args) == 1
     assert "| bm25-tiny | ndcg@10 | 0.9000 ± 0.0001 | 1.0000 | +0.1000 | fail |" in capsys.readouterr().out
-    assert (tmp_path / "out" / "tables" / "verify-quick.md").exists()
+    written = (tmp_path / "out" / "tables" / "verify-quick.md").read_text()
+    assert "| bm25-tiny | ndcg@10 | 0.9000 ± 0.0001 | 1.0000 | +0.1000 | fail |" in written
+    env = next(line for line in written.splitlines() if line.startswith("Environment: commit "))
+    assert "torch " in env and "transformers " in env  # the versions the table was measured with
