@@ -56,16 +56,20 @@ def load_registry(path: Path = REGISTRY) -> list[dict]:
     return entries
 
 
-#: what ``measured_in: fp32`` adds: the precision and backend every row measured before ``precision: auto``
-#: (2026-11-30) ran with, so the row reproduces what was measured on any hardware
+#: what ``measured_in: fp32`` adds: the defaults every row measured before ``precision: auto`` (2026-11-30)
+#: ran with, so the row reproduces what was measured on any hardware. A setting the entry's own command
+#: makes (the MiniLM pre-training rows fine-tune with ``pipeline.retriever1.precision=bf16``) was no
+#: default then and stays as the command says.
 FP32 = ["precision=fp32", "backend=torch",
         *(f"pipeline.{s}.precision=fp32" for s in ("retriever1", "retriever2", "distill"))]
 
 
 def command_of(e: dict) -> list[str]:
     """The run.py overrides of an entry (an ``experiment`` entry is ``experiment=<name>`` + its command)."""
-    pins = FP32 if e.get("measured_in") == "fp32" else []
-    return ([f"experiment={e['experiment']}"] if e.get("experiment") else []) + list(e.get("command") or []) + pins
+    command = ([f"experiment={e['experiment']}"] if e.get("experiment") else []) + list(e.get("command") or [])
+    own = {a.split("=", 1)[0].lstrip("+~") for a in command}
+    pins = [p for p in FP32 if p.split("=", 1)[0] not in own] if e.get("measured_in") == "fp32" else []
+    return command + pins
 
 
 def why_not(e: dict, budget: str, data_dir: Path) -> str | None:

@@ -33,7 +33,18 @@ def test_every_entry_composes_and_reports_its_metric(entry, tmp_path):
     assert key.split("/")[-2] == cfg.data.eval_split, f"{entry['name']}: {key} is not on data.eval_split"
     assert entry["provenance"]["source"] and entry["provenance"].get("ref")
     if entry.get("measured_in") == "fp32":  # rows measured before precision: auto reproduce in fp32 + torch
-        assert (cfg.precision, cfg.backend, cfg.pipeline.retriever1.precision) == ("fp32", "torch", "fp32")
+        own = "pipeline.retriever1.precision=bf16" in entry["command"]  # ... unless the row itself said bf16
+        assert (cfg.precision, cfg.backend, cfg.pipeline.retriever1.precision) == ("fp32", "torch",
+                                                                                   "bf16" if own else "fp32")
+
+
+def test_an_entrys_own_setting_wins_over_the_fp32_pins():
+    """The pins stand for the defaults of 2026-11-30; a setting the row's command makes is what was measured."""
+    e = {"measured_in": "fp32", "command": ["model=simlm", "pipeline.retriever1.precision=bf16"]}
+    got = command_of(e)
+    assert "pipeline.retriever1.precision=bf16" in got and "pipeline.retriever1.precision=fp32" not in got
+    assert {"precision=fp32", "backend=torch", "pipeline.retriever2.precision=fp32"} <= set(got)
+    assert command_of({"command": ["model=simlm"]}) == ["model=simlm"]
 
 
 def _placeholder(data_dir: Path, name: str) -> None:
